@@ -1,0 +1,222 @@
+"""The ``tidstorage`` command line (click)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("tidstorage")
+
+#: Exit code for bad usage or configuration (click's own usage errors use 2).
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"tidstorage: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"tidstorage: {message}", err=True)
+    sys.exit(code)
+
+
+class _ReopenableFileHandler(logging.FileHandler):
+    """A file handler that SIGHUP can reopen (for logrotate)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def _setup_logging(log_file: Path | None, verbose: bool) -> logging.Handler:
+    if log_file is not None:
+        handler: logging.Handler = _ReopenableFileHandler(log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # ZEO/ZODB chatter (connection attempts) stays out of the daemon's log.
+    for name in ("ZEO", "ZODB", "txn"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return handler
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tidstorage")
+def main() -> None:
+    """Coherent backups and crash repair for a set of ZODB storages."""
+
+
+# -- serve -----------------------------------------------------------------
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--address", help="Listen address (default: config, else 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Listen port (default: config, else 9001).")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), help="The TID log.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def serve(config_path, address, port, status_file, verbose) -> None:
+    """Run the coherency daemon in the foreground.
+
+    Signals: SIGHUP reopens the server log and the TID log (the new TID log
+    starts with a full record); SIGUSR1 logs the internal state;
+    SIGTERM/SIGINT flush, fsync and exit 0.
+    """
+    config = _load(config_path)
+    handler = _setup_logging(config.server.log_file, verbose)
+    from .server import Daemon
+
+    try:
+        daemon = Daemon(
+            config,
+            address=address,
+            port=port,
+            status_file=status_file.resolve() if status_file else None,
+        )
+    except (ConfigError, OSError) as exc:
+        _fail(f"cannot start: {exc}", EXIT_CONFIG)
+    try:
+        asyncio.run(_serve(daemon, handler))
+    except OSError as exc:
+        _fail(f"cannot listen on {daemon.listen.address}:{daemon.listen.port}: {exc.strerror or exc}")
+
+
+async def _serve(daemon, handler: logging.Handler) -> None:
+    loop = asyncio.get_running_loop()
+    await daemon.start()
+
+    def on_stop(signame: str) -> None:
+        log.info("received %s, stopping", signame)
+        asyncio.ensure_future(daemon.stop())
+
+    def on_hup() -> None:
+        if isinstance(handler, _ReopenableFileHandler):
+            handler.reopen()
+        log.info("received SIGHUP, reopening logs")
+        daemon.reopen_logs()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state:\n%s", daemon.describe()))
+    await daemon.wait_stopped()
+
+
+# -- dump ------------------------------------------------------------------
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--server", "server", help="HOST:PORT of the daemon (instead of -c).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"storage id": tid, ...}.')
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
+def dump(config_path, server, as_json, timeout) -> None:
+    """Print the TIDs the daemon has published."""
+    from .client import Client, ClientError, parse_server
+
+    config = _load(config_path)
+    if server:
+        try:
+            address = parse_server(server)
+        except ValueError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+    else:
+        address = (config.server.address, config.server.port)
+    try:
+        token = config.auth_token()
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    try:
+        with Client(address, auth_token=token, timeout=timeout) as client:
+            tids = client.dump()
+            bootstrapped = client.bootstrapped()
+    except ClientError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(tids, sort_keys=True))
+        return
+    _print_tids(tids, title=f"published TIDs at {address[0]}:{address[1]}"
+                + ("" if bootstrapped else " (bootstrap not complete)"))
+
+
+def _print_tids(tids: dict[str, int], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tids import tid_age, tid_time
+
+    table = Table(title=title)
+    for name in ("storage", "TID", "hex", "time (UTC)", "age"):
+        table.add_column(name)
+    now = time.time()
+    for storage, tid in sorted(tids.items()):
+        table.add_row(storage, str(tid), f"{tid:016x}", tid_time(tid), tid_age(tid, now))
+    Console().print(table)
+
+
+# -- log -------------------------------------------------------------------
+
+
+@main.group("log")
+def log_group() -> None:
+    """Inspect and rewrite TID logs (new and legacy formats)."""
+
+
+@log_group.command("check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the final TIDs as JSON.")
+def log_check(file: Path, as_json: bool) -> None:
+    """Check a TID log; print its final TIDs. Exit 1 naming the line on failure."""
+    from .tidlog import check_log
+
+    report = check_log(file)
+    for lineno, message in report.problems:
+        click.echo(f"{file}:{lineno}: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.final_tids, sort_keys=True))
+    else:
+        _print_tids(report.final_tids, title=f"{file}: {report.records} records, final TIDs")
+    if not report.ok:
+        sys.exit(1)
+
+
+@log_group.command("full")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here (default: replace FILE atomically).")
+def log_full(file: Path, output: Path | None) -> None:
+    """Rewrite a TID log as full records only."""
+    from .tidlog import TidLogError, rewrite_full
+
+    try:
+        count = rewrite_full(file, output or file)
+    except (TidLogError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {count} full records to {output or file}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,225 @@
+"""The TOML configuration shared by every ``tidstorage`` command.
+
+::
+
+    [server]
+    address = "127.0.0.1"        # default 127.0.0.1 (never all interfaces by default)
+    port = 9001                  # default 9001
+    status_file = "var/tidstorage.tid"   # the TID log; optional
+    burst_period = 30            # seconds; optional: incremental records
+    full_dump_period = 300       # seconds; optional: full records
+    auth_token_file = "secret"   # optional
+    log_file = "var/tidstorage.log"      # optional; default stderr
+    tls_cert = "cert.pem"        # optional, with tls_key
+    tls_key = "key.pem"
+    in_doubt_grace = 60          # seconds
+
+    [storages.main]              # "main": the storage id on the wire and in the log
+    data_fs = "var/main/Data.fs"
+    blob_dir = "var/main/blobs"  # optional
+    backup_dir = "backups/main"
+    zeo = "127.0.0.1:8100"       # optional: used by bootstrap
+    zeo_storage = "1"            # optional, default "1"
+    id = "..."                   # optional: the wire id, if not the table name
+
+    [backup]
+    timestamp_file = "backups/timestamps.log"
+    status_file_backup_dir = "backups/tidlog"
+    keep_full_backups = 3
+
+Relative paths are relative to the directory of the config file. Any unknown
+key, wrong type or missing required key raises :class:`ConfigError` naming the
+file and the key; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ADDRESS = "127.0.0.1"
+DEFAULT_PORT = 9001
+DEFAULT_IN_DOUBT_GRACE = 60.0
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    name: str  # the table name in [storages.NAME]
+    id: str  # the id on the wire and in the TID log
+    data_fs: Path | None = None
+    blob_dir: Path | None = None
+    backup_dir: Path | None = None
+    zeo: str | None = None
+    zeo_storage: str = "1"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = DEFAULT_ADDRESS
+    port: int = DEFAULT_PORT
+    status_file: Path | None = None
+    burst_period: float | None = None
+    full_dump_period: float | None = None
+    auth_token_file: Path | None = None
+    log_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    in_doubt_grace: float = DEFAULT_IN_DOUBT_GRACE
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    timestamp_file: Path | None = None
+    status_file_backup_dir: Path | None = None
+    keep_full_backups: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storages: dict[str, StorageConfig] = field(default_factory=dict)  # by wire id
+    backup: BackupConfig = field(default_factory=BackupConfig)
+
+    def auth_token(self) -> str | None:
+        """The auth token, read from ``auth_token_file`` (stripped)."""
+        return read_token(self.server.auth_token_file)
+
+
+def read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read auth token file {path}: {exc.strerror}") from None
+    if not token or "\n" in token or "\r" in token:
+        raise ConfigError(f"auth token file {path} must hold one non-empty line")
+    return token
+
+
+# Each section: key -> (type(s) accepted, kind) where kind is "path", "seconds",
+# "int", "str", "port".
+_SERVER_KEYS = {
+    "address": "str",
+    "port": "port",
+    "status_file": "path",
+    "burst_period": "seconds",
+    "full_dump_period": "seconds",
+    "auth_token_file": "path",
+    "log_file": "path",
+    "tls_cert": "path",
+    "tls_key": "path",
+    "in_doubt_grace": "seconds",
+}
+_STORAGE_KEYS = {
+    "data_fs": "path",
+    "blob_dir": "path",
+    "backup_dir": "path",
+    "zeo": "str",
+    "zeo_storage": "str",
+    "id": "str",
+}
+_BACKUP_KEYS = {
+    "timestamp_file": "path",
+    "status_file_backup_dir": "path",
+    "keep_full_backups": "count",
+}
+_TOP_KEYS = {"server", "storages", "backup"}
+
+
+class _Reader:
+    def __init__(self, path: Path | None) -> None:
+        self.where = str(path) if path is not None else "<config>"
+        self.base = path.parent if path is not None else Path.cwd()
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {key}: {message}")
+
+    def table(self, data: Any, key: str) -> dict:
+        if not isinstance(data, dict):
+            raise self.fail(key, f"must be a table, not {type(data).__name__}")
+        return data
+
+    def section(self, data: dict, prefix: str, spec: dict[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            name = f"{prefix}.{key}"
+            kind = spec.get(key)
+            if kind is None:
+                raise self.fail(name, f"unknown key (known: {', '.join(sorted(spec))})")
+            out[key] = self.value(name, kind, value)
+        return out
+
+    def value(self, name: str, kind: str, value: Any) -> Any:
+        if kind in ("str", "path"):
+            if not isinstance(value, str) or not value:
+                raise self.fail(name, f"must be a non-empty string, not {value!r}")
+            if kind == "path":
+                return (self.base / Path(value).expanduser()).resolve()
+            return value
+        if kind in ("port", "count"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(name, f"must be an integer, not {value!r}")
+            if kind == "port" and not 0 <= value <= 65535:
+                raise self.fail(name, f"must be a port number 0..65535, not {value}")
+            if kind == "count" and value < 1:
+                raise self.fail(name, f"must be at least 1, not {value}")
+            return value
+        if kind == "seconds":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(name, f"must be a number of seconds, not {value!r}")
+            if value < 0:
+                raise self.fail(name, f"must not be negative, not {value}")
+            return float(value)
+        raise AssertionError(kind)
+
+
+def parse_config(data: dict, path: Path | None = None) -> Config:
+    """Validate a decoded TOML document; see the module docstring."""
+    r = _Reader(path)
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise r.fail(key, f"unknown section (known: {', '.join(sorted(_TOP_KEYS))})")
+    server = ServerConfig(**r.section(r.table(data.get("server", {}), "server"), "server", _SERVER_KEYS))
+    if (server.tls_cert is None) != (server.tls_key is None):
+        raise r.fail("server.tls_cert", "tls_cert and tls_key go together")
+    backup = BackupConfig(**r.section(r.table(data.get("backup", {}), "backup"), "backup", _BACKUP_KEYS))
+    storages: dict[str, StorageConfig] = {}
+    for name, table in r.table(data.get("storages", {}), "storages").items():
+        values = r.section(r.table(table, f"storages.{name}"), f"storages.{name}", _STORAGE_KEYS)
+        wire_id = values.pop("id", name)
+        if "\n" in wire_id or "\r" in wire_id:
+            raise r.fail(f"storages.{name}.id", "must not contain a line break")
+        if wire_id in storages:
+            raise r.fail(f"storages.{name}", f"storage id {wire_id!r} is used twice")
+        if "zeo" in values:
+            from .zeo import parse_address  # local: keeps config import light
+
+            try:
+                parse_address(values["zeo"])
+            except ValueError as exc:
+                raise r.fail(f"storages.{name}.zeo", str(exc)) from None
+        storages[wire_id] = StorageConfig(name=name, id=wire_id, **values)
+    return Config(path=path, server=server, storages=storages, backup=backup)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path).expanduser().resolve()
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return parse_config(data, p)

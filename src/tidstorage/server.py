@@ -1,0 +1,399 @@
+"""The coherency daemon: an asyncio shell around the tracker.
+
+One event loop serves every connection (``asyncio.Protocol``: large reads,
+no thread per connection). Each connection has a :class:`~.protocol.Decoder`;
+decoded commands are applied to the one :class:`~.tracker.Tracker` in order,
+and replies are written in one write per read. Publications go to the TID
+log writer, which records them with the burst / full-dump periods.
+
+The bootstrap (see the README) runs in a worker thread: it commits a no-op
+transaction on every storage with a ``zeo`` address, registered in the
+tracker like any other transaction, and marks the tracker bootstrapped when
+it has finished everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import protocol as p
+from .config import Config
+from .tidlog import TidLogWriter, read_log
+from .tracker import Publication, Refused, Tracker
+
+log = logging.getLogger("tidstorage.server")
+
+#: How often the TID log writer checks whether a record is due (seconds).
+TICK_SECONDS = 0.2
+#: Bootstrap retry backoff: first and longest wait between attempts (seconds).
+BOOTSTRAP_RETRY_FIRST = 0.5
+BOOTSTRAP_RETRY_MAX = 30.0
+#: How long one bootstrap attempt may wait for a ZEO server (seconds).
+BOOTSTRAP_CONNECT_TIMEOUT = 10.0
+#: Flow control: stop reading from a peer that does not read its replies once
+#: this many reply bytes are buffered for it (asyncio's high-water mark).
+WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    address: str
+    port: int
+    auth_token: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+
+class Daemon:
+    """The daemon's state and behaviour, independent of signals and CLI."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        address: str | None = None,
+        port: int | None = None,
+        status_file: Path | None = None,
+        bootstrap: Callable[..., dict[str, int]] | None = None,
+    ) -> None:
+        self.config = config
+        server = config.server
+        self.listen = ListenOptions(
+            address=address or server.address,
+            port=server.port if port is None else port,
+            auth_token=config.auth_token(),
+            ssl_context=_ssl_context(server.tls_cert, server.tls_key),
+        )
+        self.status_file = status_file or server.status_file
+        initial: dict[str, int] = {}
+        if self.status_file is not None:
+            contents = read_log(self.status_file)
+            initial = contents.final_tids()
+            if initial:
+                log.info(
+                    "reloaded published TIDs of %d storages from %s", len(initial), self.status_file
+                )
+        self.tracker = Tracker(initial)
+        self._state = self.tracker.published_view()
+        self.writer: TidLogWriter | None = None
+        if self.status_file is not None:
+            self.status_file.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = TidLogWriter(
+                self.status_file,
+                burst_period=server.burst_period,
+                full_dump_period=server.full_dump_period,
+                initial_state=initial,
+            )
+        self._bootstrap_commit = bootstrap
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._bootstrap_task: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self._log_failing = False
+        self.port: int | None = None
+
+    # -- life cycle ------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self),
+            self.listen.address,
+            self.listen.port,
+            ssl=self.listen.ssl_context,
+            reuse_address=True,
+            backlog=4096,
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        log.info(
+            "listening on %s:%d%s%s",
+            self.listen.address,
+            self.port,
+            " (TLS)" if self.listen.ssl_context else "",
+            " (auth required)" if self.listen.auth_token else "",
+        )
+        if self.writer is not None:
+            self._tick_handle = loop.call_later(TICK_SECONDS, self._tick)
+        self._bootstrap_task = asyncio.create_task(self._bootstrap())
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Close the server and every connection, flush and fsync the log."""
+        if self._stopped.is_set():
+            return
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.close()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self._bootstrap_task is not None:
+            self._bootstrap_task.cancel()
+        if self.writer is not None:
+            self._write_log(self.writer.close)
+        log.info("stopped; published TIDs: %s", _short(self.tracker.published()))
+        self._stopped.set()
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: start a new TID log file (with a full record)."""
+        if self.writer is not None:
+            self._write_log(self.writer.reopen)
+            log.info("reopened TID log %s", self.status_file)
+
+    def describe(self) -> str:
+        """SIGUSR1: the internal state in a few lines."""
+        t = self.tracker
+        lines = [
+            f"bootstrapped={t.bootstrapped} connections={len(self._connections)}"
+            f" in_flight={len(t.in_flight())}",
+            f"published={_short(t.published())}",
+        ]
+        for storages, in_flight, held in t.groups():
+            lines.append(f"group {sorted(storages)}: in_flight={in_flight} held={held}")
+        return "\n".join(lines)
+
+    # -- bootstrap -------------------------------------------------------
+
+    async def _bootstrap(self) -> None:
+        specs = self._zeo_specs()
+        if not specs:
+            self.tracker.set_bootstrapped()
+            log.info("bootstrap complete (no storage with a zeo address)")
+            return
+        commit = self._bootstrap_commit
+        if commit is None:
+            from .zeo import commit_noop as commit
+        delay = BOOTSTRAP_RETRY_FIRST
+        attempt = 0
+        log.info("bootstrap started: no-op commit on %s", ", ".join(sorted(specs)))
+        while True:
+            attempt += 1
+            txn = f"tidstorage-bootstrap-{attempt}"
+            self.tracker.begin(txn, list(specs))
+            try:
+                tids = await _in_thread(commit, specs, BOOTSTRAP_CONNECT_TIMEOUT)
+            except asyncio.CancelledError:
+                self.tracker.abort(txn)
+                raise
+            except Exception as exc:  # ZeoUnavailable, storage errors: retry
+                self.tracker.abort(txn)
+                log.warning(
+                    "bootstrap attempt %d failed: %s; retrying in %.1f s", attempt, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
+                continue
+            self.tracker.set_bootstrapped()
+            self._apply_publication(self.tracker.commit(txn, tids))
+            log.info("bootstrap complete after %d attempt(s): %s", attempt, _short(tids))
+            return
+
+    def _zeo_specs(self) -> dict:
+        from .zeo import ZeoSpec, parse_address
+
+        return {
+            s.id: ZeoSpec(parse_address(s.zeo), s.zeo_storage)
+            for s in self.config.storages.values()
+            if s.zeo
+        }
+
+    # -- commands --------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._write_log(self.writer.tick)
+        self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+
+    def _write_log(self, action: Callable, *args) -> None:
+        """Run a TID log write; log a failure once, and the recovery once.
+
+        The writer keeps what it could not write and retries at each tick,
+        so a full disk delays records but loses none.
+        """
+        try:
+            action(*args)
+        except OSError as exc:
+            if not self._log_failing:
+                self._log_failing = True
+                log.error("cannot write the TID log %s: %s (will retry)", self.status_file, exc)
+            return
+        if self._log_failing:
+            self._log_failing = False
+            log.warning("writing the TID log %s works again", self.status_file)
+
+    def _apply_publication(self, pub: Publication) -> None:
+        if pub.decreases:
+            for storage, tid, old in pub.decreases:
+                log.critical(
+                    "Decreasing update ignored: storage %r tid %d < published %d"
+                    " (a backup taken now may hold part of a transaction)",
+                    storage,
+                    tid,
+                    old,
+                )
+        if pub.published and self.writer is not None:
+            self._write_log(self.writer.published, pub.published, self._state)
+
+    def apply(self, conn: "_Connection", events: list[tuple]) -> bytes:
+        """Apply decoded commands from one connection; return the replies."""
+        tracker = self.tracker
+        replies: list[bytes] = []
+        for event in events:
+            kind = event[0]
+            try:
+                if kind is p.COMMIT:
+                    pub = tracker.commit(event[1], event[2])
+                    if pub.published or pub.decreases:
+                        self._apply_publication(pub)
+                elif kind is p.BEGIN:
+                    tracker.begin(event[1], event[2])
+                elif kind is p.ABORT:
+                    pub = tracker.abort(event[1])
+                    if pub.published or pub.decreases:
+                        self._apply_publication(pub)
+                elif kind is p.DUMP:
+                    replies.append(p.encode_dict(self._state))
+                elif kind is p.SYNC:
+                    replies.append(b"1\n")
+                elif kind is p.BOOTSTRAPED:
+                    replies.append(b"1\n" if tracker.bootstrapped else b"0\n")
+                elif kind is p.QUIT:
+                    conn.close_after(replies)
+                    return b""
+                elif kind is p.ERROR:
+                    log.error("%s: protocol error: %s; closing the connection", conn.peer, event[1])
+                    conn.close_after(replies)
+                    return b""
+                elif kind is p.AUTH:
+                    # A repeated AUTH on an authenticated connection is harmless.
+                    replies.append(b"1\n")
+            except Refused as exc:
+                log.error("%s: refused: %s", conn.peer, exc)
+        return b"".join(replies)
+
+    def check_auth(self, conn: "_Connection", events: list[tuple]) -> list[tuple] | None:
+        """Authenticate ``conn`` from its first event; None if it failed."""
+        first = events[0]
+        token = self.listen.auth_token
+        if first[0] is p.AUTH and hmac.compare_digest(first[1].encode(), token.encode()):
+            conn.authenticated = True
+            conn.write(b"1\n")
+            return events[1:]
+        what = "wrong token" if first[0] is p.AUTH else f"{first[0]} before AUTH"
+        log.error("%s: authentication failed (%s); closing the connection", conn.peer, what)
+        conn.close()
+        return None
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("daemon", "transport", "peer", "decoder", "authenticated", "closing")
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.decoder = p.Decoder()
+        self.authenticated = daemon.listen.auth_token is None
+        self.closing = False
+        self.peer = "?"
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.daemon._connections.add(self)
+        log.debug("%s: connected", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        events = self.decoder.feed(data)
+        if not events:
+            return
+        if not self.authenticated:
+            events = self.daemon.check_auth(self, events)
+            if not events:
+                return
+        out = self.daemon.apply(self, events)
+        if out:
+            self.transport.write(out)
+
+    def eof_received(self) -> bool:
+        if self.decoder.pending:
+            log.warning("%s: disconnected in the middle of a command (ignored)", self.peer)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.daemon._connections.discard(self)
+        log.debug("%s: disconnected", self.peer)
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close_after(self, replies: list[bytes]) -> None:
+        if replies:
+            self.transport.write(b"".join(replies))
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.transport.close()
+
+
+def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def _in_thread(func: Callable, *args):
+    """Run a blocking call in a daemon thread (never delays shutdown)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run() -> None:
+        result = exc = None
+        try:
+            result = func(*args)
+        except BaseException as e:  # delivered to the awaiting task
+            exc = e
+        try:
+            loop.call_soon_threadsafe(_settle, future, result, exc)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="tidstorage-bootstrap", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result, exc) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _short(tids: Mapping[str, int], limit: int = 8) -> str:
+    items = sorted(tids.items())
+    text = ", ".join(f"{k}={v:#x}" for k, v in items[:limit])
+    if len(items) > limit:
+        text += f", ... ({len(items)} storages)"
+    return "{" + text + "}"

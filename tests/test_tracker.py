@@ -1,0 +1,377 @@
+"""The coherency rules (tracker.py), with the legacy suite's scenarios and a
+hypothesis model of ZODB two-phase commit over per-storage commit locks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
+
+from tidstorage.tracker import Refused, Tracker
+
+
+@pytest.fixture
+def t() -> Tracker:
+    tracker = Tracker()
+    tracker.set_bootstrapped()
+    return tracker
+
+
+# -- the legacy testTIDServer scenarios ------------------------------------
+
+
+def test_simple_commit(t):
+    t.begin("t1", ["s1"])
+    assert t.published() == {}
+    pub = t.commit("t1", {"s1": 1})
+    assert pub.published == {"s1": 1}
+    assert t.published() == {"s1": 1}
+
+
+def test_simple_abort(t):
+    t.begin("t1", ["s1"])
+    pub = t.abort("t1")
+    assert pub.published == {}
+    assert t.published() == {}
+    assert t.in_flight() == {}
+
+
+def test_overlap_second_commits_first(t):
+    t.begin("t1", ["s1", "s2"])
+    t.begin("t2", ["s1", "s3"])
+    t.commit("t2", {"s1": 2, "s3": 1})
+    assert t.published() == {}
+    t.commit("t1", {"s1": 1, "s2": 1})
+    assert t.published() == {"s1": 2, "s2": 1, "s3": 1}
+
+
+def test_chain_through_three_transactions(t):
+    # The issue's example: T3 on s3 alone is held because s3 is linked to s1
+    # through T2, and s1 is held by T1.
+    t.begin("t1", ["s1", "s2"])
+    t.begin("t2", ["s1", "s3"])
+    t.commit("t2", {"s1": 2, "s3": 1})
+    t.begin("t3", ["s3"])
+    t.commit("t3", {"s3": 2})
+    assert t.published() == {}
+    t.commit("t1", {"s1": 1, "s2": 2})
+    assert t.published() == {"s1": 2, "s2": 2, "s3": 2}
+
+
+def test_chain_released_by_abort(t):
+    t.begin("t1", ["s1", "s2"])
+    t.begin("t2", ["s1", "s3"])
+    t.commit("t2", {"s1": 2, "s3": 1})
+    t.begin("t3", ["s3"])
+    t.commit("t3", {"s3": 1})
+    assert t.published() == {}
+    pub = t.abort("t1")
+    assert pub.published == {"s1": 2, "s3": 1}
+    assert t.published() == {"s1": 2, "s3": 1}
+
+
+def test_overlap_first_commits_first(t):
+    t.begin("t1", ["s1"])
+    t.begin("t2", ["s1", "s2"])
+    t.commit("t1", {"s1": 2})
+    assert t.published() == {}
+    t.commit("t2", {"s1": 1, "s2": 1})
+    assert t.published() == {"s1": 2, "s2": 1}
+
+
+def test_disjoint_groups_publish_independently(t):
+    t.begin("t1", ["s1"])
+    t.begin("t2", ["s2"])
+    t.commit("t1", {"s1": 1})
+    assert t.published() == {"s1": 1}
+    t.commit("t2", {"s2": 1})
+    assert t.published() == {"s1": 1, "s2": 1}
+
+
+def test_merge_of_two_groups_waits_for_all(t):
+    t.begin("t1", ["s1"])
+    t.begin("t2", ["s2"])
+    t.begin("t3", ["s1", "s2"])
+    t.commit("t1", {"s1": 1})
+    t.commit("t2", {"s2": 2})
+    assert t.published() == {}
+    t.commit("t3", {"s1": 2, "s2": 2})
+    assert t.published() == {"s1": 2, "s2": 2}
+
+
+def test_increasing_values(t):
+    for value in (1, 2, 3):
+        t.begin("t1", ["s1"])
+        assert t.published() == ({"s1": value - 1} if value > 1 else {})
+        t.commit("t1", {"s1": value})
+        assert t.published() == {"s1": value}
+
+
+def test_group_dissolves_after_publication(t):
+    t.begin("t1", ["s1", "s2"])
+    t.commit("t1", {"s1": 1, "s2": 1})
+    assert t.groups() == []
+    # s1 and s2 are no longer linked: s2 publishes alone.
+    t.begin("t2", ["s1"])
+    t.begin("t3", ["s2"])
+    t.commit("t3", {"s2": 5})
+    assert t.published() == {"s1": 1, "s2": 5}
+
+
+# -- refusals leave the state unchanged -------------------------------------
+
+
+def _snapshot(t: Tracker):
+    return (t.published(), t.in_flight(), sorted(map(repr, t.groups())))
+
+
+def test_commit_without_begin_refused(t):
+    before = _snapshot(t)
+    with pytest.raises(Refused, match="never began"):
+        t.commit("nope", {"s1": 1})
+    with pytest.raises(Refused, match="never began"):
+        t.abort("nope")
+    assert _snapshot(t) == before
+
+
+def test_double_begin_refused(t):
+    t.begin("t1", ["s1"])
+    before = _snapshot(t)
+    with pytest.raises(Refused, match="already in flight"):
+        t.begin("t1", ["s2"])
+    assert _snapshot(t) == before
+
+
+def test_commit_with_other_storages_refused(t):
+    t.begin("t1", ["s1", "s2"])
+    before = _snapshot(t)
+    with pytest.raises(Refused, match="BEGIN named"):
+        t.commit("t1", {"s1": 1})
+    with pytest.raises(Refused, match="BEGIN named"):
+        t.commit("t1", {"s1": 1, "s3": 1})
+    with pytest.raises(Refused, match="BEGIN named"):
+        t.commit("t1", {"s1": 1, "s2": 1, "s3": 1})
+    assert _snapshot(t) == before
+    t.commit("t1", {"s1": 1, "s2": 1})
+    assert t.published() == {"s1": 1, "s2": 1}
+
+
+def test_empty_begin_refused(t):
+    with pytest.raises(Refused):
+        t.begin("t1", [])
+    assert t.in_flight() == {}
+
+
+def test_decrease_refused_and_reported(t):
+    t.begin("t1", ["s1", "s2"])
+    t.commit("t1", {"s1": 10, "s2": 10})
+    t.begin("t2", ["s1", "s2"])
+    pub = t.commit("t2", {"s1": 5, "s2": 11})
+    assert pub.published == {"s2": 11}
+    assert pub.decreases == (("s1", 5, 10),)
+    assert t.published() == {"s1": 10, "s2": 11}
+
+
+def test_ended_transaction_id_can_be_reused(t):
+    t.begin("t1", ["s1"])
+    t.commit("t1", {"s1": 1})
+    with pytest.raises(Refused):
+        t.commit("t1", {"s1": 2})
+    t.begin("t1", ["s1"])
+    t.commit("t1", {"s1": 2})
+    assert t.published() == {"s1": 2}
+
+
+# -- bootstrap --------------------------------------------------------------
+
+
+def test_nothing_published_before_bootstrap():
+    t = Tracker({"s1": 3})
+    assert t.published() == {"s1": 3}  # reloaded state is served
+    t.begin("t1", ["s1", "s2"])
+    pub = t.commit("t1", {"s1": 4, "s2": 4})
+    assert pub.published == {}
+    assert t.published() == {"s1": 3}
+    t.set_bootstrapped()
+    t.begin("t2", ["s2"])
+    t.commit("t2", {"s2": 5})
+    # t1's values were dropped, not published late.
+    assert t.published() == {"s1": 3, "s2": 5}
+
+
+def test_bootstrap_transaction_holds_its_group():
+    t = Tracker()
+    t.begin("boot", ["s1", "s2"])
+    t.begin("t1", ["s1"])
+    t.commit("t1", {"s1": 1})
+    t.set_bootstrapped()
+    assert t.published() == {}
+    t.commit("boot", {"s1": 2, "s2": 2})
+    assert t.published() == {"s1": 2, "s2": 2}
+
+
+def test_reloaded_state_never_moves_backward():
+    t = Tracker({"s1": 100})
+    t.set_bootstrapped()
+    t.begin("t1", ["s1"])
+    pub = t.commit("t1", {"s1": 50})
+    assert pub.decreases == (("s1", 50, 100),)
+    assert t.published() == {"s1": 100}
+
+
+# -- the property: a cut at the published TIDs never splits a transaction ---
+
+STORAGES = ["s0", "s1", "s2", "s3"]
+
+
+class TwoPhaseCommitModel(RuleBasedStateMachine):
+    """Transactions over per-storage commit locks, reported as ZODB does.
+
+    A transaction locks its storages in sorted order at vote (ZEO gives the
+    TID then, increasing per storage), then finishes them one at a time,
+    releasing each lock. The integration's contract: BEGIN reaches the
+    tracker before the first finish; COMMIT after the last finish, with any
+    delay; a client may crash between finishes and never report. A
+    single-storage transaction may report BEGIN and COMMIT only after its
+    finish. At every step, cutting every storage at its published TID must
+    keep each transaction whole or drop it whole.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker = Tracker()
+        self.tracker.set_bootstrapped()
+        self.next_tid = {s: 1 for s in STORAGES}
+        self.lock_owner: dict[str, int] = {}
+        self.txns: dict[int, dict] = {}
+        self.counter = 0
+        self.last_published: dict[str, int] = {}
+
+    def _txns(self, state):
+        return [n for n, x in self.txns.items() if x["state"] == state]
+
+    @precondition(lambda self: len(self._txns("new")) + len(self._txns("voted")) < 4)
+    @rule(storages=st.sets(st.sampled_from(STORAGES), min_size=1, max_size=4),
+          late=st.booleans())
+    def start(self, storages, late):
+        self.counter += 1
+        late = late and len(storages) == 1
+        self.txns[self.counter] = {
+            "storages": sorted(storages), "state": "new", "tids": {},
+            "finished": [], "late": late, "begun": False,
+        }
+
+    def _can_begin(self):
+        return [n for n, x in self.txns.items()
+                if not x["begun"] and not x["late"] and x["state"] in ("new", "voted")]
+
+    def _can_vote(self):
+        return [n for n in self._txns("new")
+                if all(s not in self.lock_owner for s in self.txns[n]["storages"])]
+
+    def _can_finish(self):
+        return [n for n in self._txns("voted") + self._txns("finishing")
+                if self.txns[n]["begun"] or self.txns[n]["late"]]
+
+    @precondition(lambda self: self._can_begin())
+    @rule(data=st.data())
+    def report_begin(self, data):
+        cands = self._can_begin()
+        n = data.draw(st.sampled_from(cands))
+        x = self.txns[n]
+        self.tracker.begin(f"t{n}", x["storages"])
+        x["begun"] = True
+
+    @precondition(lambda self: self._can_vote())
+    @rule(data=st.data())
+    def vote(self, data):
+        cands = self._can_vote()
+        n = data.draw(st.sampled_from(cands))
+        x = self.txns[n]
+        for s in x["storages"]:
+            self.lock_owner[s] = n
+            x["tids"][s] = self.next_tid[s]
+            self.next_tid[s] += 1
+        x["state"] = "voted"
+
+    @precondition(lambda self: self._txns("voted") + self._txns("new"))
+    @rule(data=st.data())
+    def abort_before_finish(self, data):
+        cands = self._txns("voted") + self._txns("new")
+        n = data.draw(st.sampled_from(cands))
+        x = self.txns[n]
+        for s in x["storages"]:
+            if self.lock_owner.get(s) == n:
+                del self.lock_owner[s]
+        x["state"] = "aborted"
+        if x["begun"]:
+            self.tracker.abort(f"t{n}")
+
+    @precondition(lambda self: self._can_finish())
+    @rule(data=st.data())
+    def finish_one(self, data):
+        # The first finish requires a registered BEGIN (unless "late").
+        cands = self._can_finish()
+        n = data.draw(st.sampled_from(cands))
+        x = self.txns[n]
+        s = x["storages"][len(x["finished"])]
+        x["finished"].append(s)
+        del self.lock_owner[s]
+        x["state"] = "finished" if len(x["finished"]) == len(x["storages"]) else "finishing"
+
+    @precondition(lambda self: self._txns("finishing"))
+    @rule(data=st.data())
+    def crash_mid_finish(self, data):
+        cands = self._txns("finishing")
+        n = data.draw(st.sampled_from(cands))
+        x = self.txns[n]
+        for s in x["storages"]:
+            if self.lock_owner.get(s) == n:
+                del self.lock_owner[s]  # the server aborts the rest
+        x["state"] = "crashed"  # never reports again
+
+    @precondition(lambda self: self._txns("finished"))
+    @rule(data=st.data())
+    def report_commit(self, data):
+        cands = self._txns("finished")
+        n = data.draw(st.sampled_from(cands))
+        x = self.txns[n]
+        if x["late"]:
+            self.tracker.begin(f"t{n}", x["storages"])
+        pub = self.tracker.commit(f"t{n}", x["tids"])
+        x["state"] = "reported"
+        if not x["late"]:
+            # Reports that respect the BEGIN-before-finish contract never
+            # make a published TID go down. (A late single-storage report
+            # may: harmless, its TID is already below the cut.)
+            assert pub.decreases == (), pub.decreases
+
+    @invariant()
+    def published_cut_is_coherent(self):
+        published = self.tracker.published()
+        for s, tid in self.last_published.items():
+            assert published.get(s, 0) >= tid, "published TID decreased"
+        self.last_published = published
+        for n, x in self.txns.items():
+            present = x["finished"]  # what the storages hold of it
+            if not present:
+                continue
+            kept = [s for s in present if x["tids"][s] <= published.get(s, 0)]
+            if not kept:
+                continue
+            # Kept somewhere: must be complete and kept everywhere.
+            assert len(present) == len(x["storages"]), f"t{n} split: only in {present}, kept {kept}"
+            assert kept == present, f"t{n} split by the cut: kept on {kept} of {present}"
+
+
+TwoPhaseCommitModel.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+test_two_phase_commit_model = TwoPhaseCommitModel.TestCase
