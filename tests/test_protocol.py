@@ -28,7 +28,7 @@ LEGACY = (
     b"dump\nbootstraped\nquit\n"
 )
 LEGACY_EVENTS = [
-    (p.BEGIN, "zope1_7f3a", ["((('127.0.0.1', 8100),), '1')", "other"]),
+    (p.BEGIN, "zope1_7f3a", ["((('127.0.0.1', 8100),), '1')", "other"], None),
     (p.COMMIT, "zope1_7f3a", {"((('127.0.0.1', 8100),), '1')": 271828182845904523,
                               "other": 314159265358979323}),
     (p.ABORT, "zope2_1"),
@@ -57,13 +57,18 @@ def test_encoders_round_trip():
     data = (
         p.encode_begin("t1", ["a", "b"]) + p.encode_commit("t1", {"a": 1, "b": 2**64 - 1})
         + p.encode_abort("t2") + p.SYNC_REQUEST + p.encode_auth("tok")
+        + p.encode_begin("t3", ["a", "b"], {"a": 5, "b": 6})
+        + p.encode_lost(["a", "b"]) + p.encode_in_doubt("t3")
     )
     assert feed_all(data) == [
-        (p.BEGIN, "t1", ["a", "b"]),
+        (p.BEGIN, "t1", ["a", "b"], None),
         (p.COMMIT, "t1", {"a": 1, "b": 2**64 - 1}),
         (p.ABORT, "t2"),
         (p.SYNC,),
         (p.AUTH, "tok"),
+        (p.BEGIN, "t3", ["a", "b"], {"a": 5, "b": 6}),
+        (p.LOST, ["a", "b"]),
+        (p.INDOUBT, "t3"),
     ]
 
 
@@ -114,7 +119,7 @@ def test_malformed_input_is_an_error_event(data, message):
 def test_commands_before_the_error_are_kept_and_decoder_stays_broken():
     d = p.Decoder()
     events = d.feed(b"DUMP\nBEGIN\nt1\n1\ns1\nFROB\nDUMP\n")
-    assert events[:2] == [(p.DUMP,), (p.BEGIN, "t1", ["s1"])]
+    assert events[:2] == [(p.DUMP,), (p.BEGIN, "t1", ["s1"], None)]
     assert events[2][0] == p.ERROR
     assert d.feed(b"DUMP\n") == []
 
@@ -158,7 +163,7 @@ def test_round_trip_any_chunking(txns, chunk):
     )
     expected = []
     for txn, tids in txns:
-        expected += [(p.BEGIN, txn, list(tids)), (p.COMMIT, txn, tids)]
+        expected += [(p.BEGIN, txn, list(tids), None), (p.COMMIT, txn, tids)]
     assert feed_all(data, chunk) == expected
 
 
@@ -168,5 +173,5 @@ def test_garbage_never_raises(data):
     events = p.Decoder().feed(data)
     for event in events:
         assert event[0] in {p.BEGIN, p.COMMIT, p.ABORT, p.DUMP, p.BOOTSTRAPED, p.QUIT,
-                            p.SYNC, p.AUTH, p.ERROR}
+                            p.SYNC, p.AUTH, p.LOST, p.INDOUBT, p.ERROR}
     assert all(e[0] != p.ERROR for e in events[:-1])

@@ -124,6 +124,69 @@ def test_group_dissolves_after_publication(t):
     assert t.published() == {"s1": 1, "s2": 5}
 
 
+# -- bounds: busy groups still publish ---------------------------------------
+
+
+def test_bounds_let_a_busy_group_publish_below_them(t):
+    # T1 is in flight on s1,s2 and will commit above s1=10, s2=20.
+    t.begin("t1", ["s1", "s2"], {"s1": 10, "s2": 20})
+    t.begin("t2", ["s1", "s3"])
+    pub = t.commit("t2", {"s1": 9, "s3": 5})  # below T1's bound on s1
+    assert pub.published == {"s1": 9, "s3": 5}
+    t.begin("t3", ["s1", "s3"])
+    t.commit("t3", {"s1": 11, "s3": 6})  # above the bound: held, with s3
+    t.begin("t4", ["s3"])
+    t.commit("t4", {"s3": 7})  # after T3 on s3: held too
+    assert t.published() == {"s1": 9, "s3": 5}
+    t.commit("t1", {"s1": 10, "s2": 21})
+    assert t.published() == {"s1": 11, "s2": 21, "s3": 7}
+
+
+def test_exclusion_propagates_to_every_storage_of_a_held_transaction(t):
+    t.begin("t1", ["s1"], {"s1": 10})
+    t.begin("t2", ["s1", "s2"], {"s1": 0, "s2": 0})
+    t.commit("t2", {"s1": 12, "s2": 5})  # above t1's bound on s1: held
+    t.begin("t3", ["s2"], {"s2": 5})
+    pub = t.commit("t3", {"s2": 6})
+    # publishing s2=6 would keep t2 on s2 but not on s1
+    assert pub.published == {}
+    assert t.published() == {}
+    t.abort("t1")
+    assert t.published() == {"s1": 12, "s2": 6}
+
+
+def test_without_bounds_a_busy_group_publishes_nothing(t):
+    t.begin("t1", ["s1", "s2"])
+    t.begin("t2", ["s1", "s3"], {"s1": 0, "s3": 0})
+    t.commit("t2", {"s1": 9, "s3": 5})
+    assert t.published() == {}
+
+
+def test_bounds_must_name_the_storages(t):
+    with pytest.raises(Refused, match="bounds"):
+        t.begin("t1", ["s1", "s2"], {"s1": 1})
+    assert t.in_flight() == {}
+
+
+def test_busy_group_under_continuous_load_keeps_publishing(t):
+    """Overlapping transactions never leave the group quiet; with bounds
+    the published point still follows the commits."""
+    last = {"s1": 0, "s2": 0, "s3": 0}
+    t.begin("t0", ["s1", "s2"], dict(s1=0, s2=0))
+    for i in range(1, 50):
+        names = [["s1", "s2"], ["s2", "s3"], ["s1", "s3"]][i % 3]
+        t.begin(f"t{i}", names, {s: last[s] for s in names})
+        prev = f"t{i - 1}"
+        prev_names = list(t.in_flight()[prev])
+        tids = {}
+        for s in prev_names:
+            last[s] += 1
+            tids[s] = last[s]
+        t.commit(prev, tids)
+    assert len(t.in_flight()) == 1  # never quiet
+    assert min(t.published().values()) >= 30
+
+
 # -- refusals leave the state unchanged -------------------------------------
 
 
@@ -248,6 +311,7 @@ class TwoPhaseCommitModel(RuleBasedStateMachine):
         self.tracker = Tracker()
         self.tracker.set_bootstrapped()
         self.next_tid = {s: 1 for s in STORAGES}
+        self.last_finished = {s: 0 for s in STORAGES}
         self.lock_owner: dict[str, int] = {}
         self.txns: dict[int, dict] = {}
         self.counter = 0
@@ -280,12 +344,17 @@ class TwoPhaseCommitModel(RuleBasedStateMachine):
                 if self.txns[n]["begun"] or self.txns[n]["late"]]
 
     @precondition(lambda self: self._can_begin())
-    @rule(data=st.data())
-    def report_begin(self, data):
+    @rule(data=st.data(), with_bounds=st.booleans(), slack=st.integers(0, 3))
+    def report_begin(self, data, with_bounds, slack):
         cands = self._can_begin()
         n = data.draw(st.sampled_from(cands))
         x = self.txns[n]
-        self.tracker.begin(f"t{n}", x["storages"])
+        bounds = None
+        if with_bounds:
+            # What the client knows: the storage's last finished TID (or
+            # less, when its view lags): the commit will get a greater TID.
+            bounds = {s: max(0, self.last_finished[s] - slack) for s in x["storages"]}
+        self.tracker.begin(f"t{n}", x["storages"], bounds)
         x["begun"] = True
 
     @precondition(lambda self: self._can_vote())
@@ -322,6 +391,7 @@ class TwoPhaseCommitModel(RuleBasedStateMachine):
         x = self.txns[n]
         s = x["storages"][len(x["finished"])]
         x["finished"].append(s)
+        self.last_finished[s] = max(self.last_finished[s], x["tids"][s])
         del self.lock_owner[s]
         x["state"] = "finished" if len(x["finished"]) == len(x["storages"]) else "finishing"
 
@@ -371,7 +441,7 @@ class TwoPhaseCommitModel(RuleBasedStateMachine):
 
 
 TwoPhaseCommitModel.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=60, deadline=None,
+    max_examples=400, stateful_step_count=80, deadline=None,
     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
 )
 test_two_phase_commit_model = TwoPhaseCommitModel.TestCase

@@ -302,7 +302,10 @@ def test_commit_noop_three_storages_two_servers(two_zeo_servers):
             assert u64(txn.tid) == tid
             assert txn.status == " "
             assert data == []  # a real, empty transaction record
-            assert txn.extension == BOOTSTRAP_EXTENSION
+            stamp = txn.extension["tidstorage"]
+            assert stamp["bootstrap"] is True
+            # stamped like any multi-storage commit: same id everywhere
+            assert stamp["storages"] == ["x", "y", "z"] and stamp["id"].startswith("ts:")
             assert is_bootstrap_extension(txn.extension_bytes)
             assert txn.description == b"tidstorage bootstrap"
         assert not is_bootstrap_extension(records[0][0].extension) or sid != "y"

@@ -22,6 +22,9 @@ command             arguments                   reply
 
 Extensions (legacy clients never send them, so they see no difference):
 
+``BEGIN2`` txn id, dict storage->bound
+    ``BEGIN`` with, per storage, a TID the commit will exceed (see "Bounds"
+    in ``tracker.py``): lets a busy group publish. No reply.
 ``SYNC``
     Reply ``1`` once every command received before it on this connection has
     been applied. The ZODB integration sends ``BEGIN`` + ``SYNC`` and waits
@@ -30,6 +33,14 @@ Extensions (legacy clients never send them, so they see no difference):
 ``AUTH`` token
     Must be the first command when the daemon has an auth token; reply ``1``,
     or the server logs the failure and closes the connection.
+``LOST`` list of storages
+    The client could not get a BEGIN confirmed for transactions on these
+    storages (daemon down or slow): the daemon must not trust its state for
+    them; it freezes and re-checks them (see ``server.py``). No reply.
+``INDOUBT`` txn id
+    The client does not know whether its transaction finished everywhere
+    (a ``tpc_finish`` failed after another succeeded): the daemon resolves it
+    from the stamps in the storages. No reply.
 
 Malformed input (an unknown command, a bad count or integer, an over-long
 field, bytes that are not UTF-8) cannot be resynchronised: the decoder emits
@@ -59,7 +70,7 @@ MAX_TID = 2**64 - 1
 # -- events ---------------------------------------------------------------
 # Decoded commands are plain tuples (cheap: the decoder handles ~10^6 a
 # second). The first item says which:
-BEGIN = "BEGIN"  # (BEGIN, txn: str, storages: list[str])
+BEGIN = "BEGIN"  # (BEGIN, txn: str, storages: list[str], bounds: dict[str, int] | None)
 COMMIT = "COMMIT"  # (COMMIT, txn: str, tids: dict[str, int])
 ABORT = "ABORT"  # (ABORT, txn: str)
 DUMP = "DUMP"  # (DUMP,)
@@ -67,6 +78,8 @@ BOOTSTRAPED = "BOOTSTRAPED"  # (BOOTSTRAPED,)
 QUIT = "QUIT"  # (QUIT,)
 SYNC = "SYNC"  # (SYNC,)
 AUTH = "AUTH"  # (AUTH, token: str)
+LOST = "LOST"  # (LOST, storages: list[str])
+INDOUBT = "INDOUBT"  # (INDOUBT, txn: str)
 ERROR = "ERROR"  # (ERROR, message: str): malformed input; close the connection
 
 _SIMPLE = {
@@ -181,8 +194,8 @@ class Decoder:
                         raise _Incomplete
                     storages = [_text(f, "storage id") for f in fields[i : i + count]]
                     i += count
-                    append((BEGIN, txn, storages))
-                elif name == b"COMMIT":
+                    append((BEGIN, txn, storages, None))
+                elif name == b"COMMIT" or name == b"BEGIN2":
                     if i + 2 >= n:
                         raise _Incomplete
                     txn = _text(fields[i + 1], "transaction id")
@@ -194,9 +207,12 @@ class Decoder:
                     values = fields[i + count : i + 2 * count]
                     tids = {k: _tid(v, k) for k, v in zip(keys, values)}
                     if len(tids) != count:
-                        raise ProtocolError(f"COMMIT {txn!r} names a storage twice")
+                        raise ProtocolError(f"{name.decode()} {txn!r} names a storage twice")
                     i += 2 * count
-                    append((COMMIT, txn, tids))
+                    if name == b"COMMIT":
+                        append((COMMIT, txn, tids))
+                    else:
+                        append((BEGIN, txn, keys, tids))
                 elif name == b"ABORT":
                     if i + 1 >= n:
                         raise _Incomplete
@@ -210,6 +226,19 @@ class Decoder:
                         raise _Incomplete
                     append((AUTH, _text(fields[i + 1], "auth token")))
                     i += 2
+                elif name == b"INDOUBT":
+                    if i + 1 >= n:
+                        raise _Incomplete
+                    append((INDOUBT, _text(fields[i + 1], "transaction id")))
+                    i += 2
+                elif name == b"LOST":
+                    if i + 1 >= n:
+                        raise _Incomplete
+                    count = _count(fields[i + 1], "storage list")
+                    if i + 2 + count > n:
+                        raise _Incomplete
+                    append((LOST, [_text(f, "storage id") for f in fields[i + 2 : i + 2 + count]]))
+                    i += 2 + count
                 else:
                     raise ProtocolError(f"unknown command {fields[i][:40]!r}")
             except _Incomplete:
@@ -243,7 +272,12 @@ def encode_dict(tids: Mapping[str, int]) -> bytes:
     return b"\n".join([b"%d" % len(keys), *keys, *(b"%d" % v for v in tids.values()), b""])
 
 
-def encode_begin(txn: str, storages: Iterable[str]) -> bytes:
+def encode_begin(
+    txn: str, storages: Iterable[str], bounds: Mapping[str, int] | None = None
+) -> bytes:
+    """``BEGIN`` (legacy), or ``BEGIN2`` with ``bounds`` (its keys are the storages)."""
+    if bounds is not None:
+        return b"BEGIN2\n" + _field(txn) + b"\n" + encode_dict(bounds)
     return b"BEGIN\n" + _field(txn) + b"\n" + encode_list(storages)
 
 
@@ -257,6 +291,14 @@ def encode_abort(txn: str) -> bytes:
 
 def encode_auth(token: str) -> bytes:
     return b"AUTH\n" + _field(token) + b"\n"
+
+
+def encode_lost(storages: Iterable[str]) -> bytes:
+    return b"LOST\n" + encode_list(storages)
+
+
+def encode_in_doubt(txn: str) -> bytes:
+    return b"INDOUBT\n" + _field(txn) + b"\n"
 
 
 DUMP_REQUEST = b"DUMP\n"

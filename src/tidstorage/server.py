@@ -6,16 +6,30 @@ decoded commands are applied to the one :class:`~.tracker.Tracker` in order,
 and replies are written in one write per read. Publications go to the TID
 log writer, which records them with the burst / full-dump periods.
 
-The bootstrap (see the README) runs in a worker thread: it commits a no-op
-transaction on every storage with a ``zeo`` address, registered in the
-tracker like any other transaction, and marks the tracker bootstrapped when
-it has finished everywhere.
+Recovery (blocking ZEO work in worker threads, see ``recovery.py``), each
+step registered in the tracker as a transaction, so that the storages it
+concerns publish nothing meanwhile:
+
+* bootstrap: a no-op commit on every storage with a ``zeo`` address, then a
+  stamp check of what was committed since the reloaded published point;
+  publication starts after it (``BOOTSTRAPED`` answers 1).
+* ``LOST`` storages (a client could not get a BEGIN confirmed): frozen at
+  once, then re-checked the same way (no-op + stamp check), coalesced.
+  Storages without ``zeo`` cannot be re-checked: they stay frozen for
+  ``in_doubt_grace`` seconds.
+* in-doubt transactions: the connection that sent a BEGIN closed and no
+  COMMIT/ABORT came within ``in_doubt_grace`` seconds, or the client sent
+  ``INDOUBT``: the daemon looks for the transaction's stamp in its storages.
+  Found everywhere: committed with those TIDs; nowhere: aborted; in some:
+  *split*. A split stays in flight for ever: nothing linked to it is
+  published again; the daemon logs CRITICAL with the repair command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import ssl
 import threading
@@ -35,8 +49,6 @@ TICK_SECONDS = 0.2
 #: Bootstrap retry backoff: first and longest wait between attempts (seconds).
 BOOTSTRAP_RETRY_FIRST = 0.5
 BOOTSTRAP_RETRY_MAX = 30.0
-#: How long one bootstrap attempt may wait for a ZEO server (seconds).
-BOOTSTRAP_CONNECT_TIMEOUT = 10.0
 #: Flow control: stop reading from a peer that does not read its replies once
 #: this many reply bytes are buffered for it (asyncio's high-water mark).
 WRITE_HIGH_WATER = 256 * 1024
@@ -60,7 +72,6 @@ class Daemon:
         address: str | None = None,
         port: int | None = None,
         status_file: Path | None = None,
-        bootstrap: Callable[..., dict[str, int]] | None = None,
     ) -> None:
         self.config = config
         server = config.server
@@ -90,11 +101,20 @@ class Daemon:
                 full_dump_period=server.full_dump_period,
                 initial_state=initial,
             )
-        self._bootstrap_commit = bootstrap
+        self._specs = self._zeo_specs()
+        self.grace = server.in_doubt_grace
+        self._owner: dict[str, _Connection] = {}  # in-flight txn -> connection that began it
+        self._resolving: set[str] = set()
+        self._splits: dict[str, str] = {}  # frozen for ever: txn -> description
+        self._warned_legacy: set[str] = set()
+        self._lost_queue: list[tuple[str, list[str]]] = []
+        self._lost_event: asyncio.Event | None = None
+        self._bootstrapped_event: asyncio.Event | None = None
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._bootstrap_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
         self._log_failing = False
         self.port: int | None = None
@@ -122,7 +142,21 @@ class Daemon:
         )
         if self.writer is not None:
             self._tick_handle = loop.call_later(TICK_SECONDS, self._tick)
-        self._bootstrap_task = asyncio.create_task(self._bootstrap())
+        self._lost_event = asyncio.Event()
+        self._bootstrapped_event = asyncio.Event()
+        self._spawn(self._bootstrap())
+        self._spawn(self._recheck_worker())
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal task failed", exc_info=task.exception())
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -137,8 +171,8 @@ class Daemon:
             conn.close()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        if self._bootstrap_task is not None:
-            self._bootstrap_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         if self.writer is not None:
             self._write_log(self.writer.close)
         log.info("stopped; published TIDs: %s", _short(self.tracker.published()))
@@ -160,43 +194,206 @@ class Daemon:
         ]
         for storages, in_flight, held in t.groups():
             lines.append(f"group {sorted(storages)}: in_flight={in_flight} held={held}")
+        for txn, why in self._splits.items():
+            lines.append(f"SPLIT {txn}: {why}")
         return "\n".join(lines)
 
     # -- bootstrap -------------------------------------------------------
 
     async def _bootstrap(self) -> None:
-        specs = self._zeo_specs()
+        specs = self._specs
         if not specs:
-            self.tracker.set_bootstrapped()
+            self._set_bootstrapped()
             log.info("bootstrap complete (no storage with a zeo address)")
             return
-        commit = self._bootstrap_commit
-        if commit is None:
-            from .zeo import commit_noop as commit
+        log.info("bootstrap started: no-op commit on %s", ", ".join(sorted(specs)))
+        txn = self._internal_id("bootstrap")
+        self.tracker.begin(txn, list(specs))
+        result = await self._with_retries("bootstrap", self._check_call(specs, txn))
+        self._freeze_splits(result.splits)
+        self._set_bootstrapped()
+        self._apply_publication(self.tracker.commit(txn, result.tids))
+        log.info(
+            "bootstrap complete: %s (%d recent transactions checked%s)",
+            _short(result.tids),
+            result.scanned,
+            f", {len(result.splits)} SPLIT" if result.splits else ", none split",
+        )
+
+    def _set_bootstrapped(self) -> None:
+        self.tracker.set_bootstrapped()
+        self._bootstrapped_event.set()
+
+    def _internal_id(self, what: str) -> str:
+        return f"tidstorage-{what}-{next(self._ids)}"
+
+    def _check_call(self, specs: dict, txn: str) -> Callable:
+        """A blocking no-op + stamp check over ``specs`` (for a thread)."""
+        from .recovery import noop_and_check, scan_start
+
+        published = self.tracker.published_view()
+        since = {s: scan_start(published.get(s)) for s in specs}
+        return lambda: noop_and_check(specs, since, "ts:" + txn)
+
+    async def _with_retries(self, what: str, call: Callable):
+        """Run a blocking recovery call in a thread until it succeeds."""
         delay = BOOTSTRAP_RETRY_FIRST
         attempt = 0
-        log.info("bootstrap started: no-op commit on %s", ", ".join(sorted(specs)))
         while True:
             attempt += 1
-            txn = f"tidstorage-bootstrap-{attempt}"
-            self.tracker.begin(txn, list(specs))
             try:
-                tids = await _in_thread(commit, specs, BOOTSTRAP_CONNECT_TIMEOUT)
-            except asyncio.CancelledError:
-                self.tracker.abort(txn)
-                raise
+                return await _in_thread(call)
             except Exception as exc:  # ZeoUnavailable, storage errors: retry
-                self.tracker.abort(txn)
-                log.warning(
-                    "bootstrap attempt %d failed: %s; retrying in %.1f s", attempt, exc, delay
-                )
+                log.warning("%s attempt %d failed: %s; retrying in %.1f s", what, attempt, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
+
+    def _freeze_splits(self, splits) -> None:
+        """Keep split transactions in flight for ever (see the module doc)."""
+        for split in splits:
+            if split.id in self._splits:
                 continue
-            self.tracker.set_bootstrapped()
-            self._apply_publication(self.tracker.commit(txn, tids))
-            log.info("bootstrap complete after %d attempt(s): %s", attempt, _short(tids))
+            where = ", ".join(f"{s} (tid {t:#018x})" for s, t in sorted(split.present.items()))
+            why = f"recorded in {where}, missing in {', '.join(split.missing)}"
+            self._splits[split.id] = why
+            if split.id not in self.tracker.in_flight():
+                self.tracker.begin(split.id, list(split.storages))
+            log.critical(
+                "SPLIT transaction %s over %s: %s. Nothing will be published at or past it"
+                " on these storages (nor on storages linked to them). Repair: stop the"
+                " applications, run `tidstorage repair -c %s`, restart the daemon.",
+                split.id,
+                ", ".join(split.storages),
+                why,
+                self.config.path or "CONFIG",
+            )
+
+    # -- lost reports ----------------------------------------------------
+
+    def on_lost(self, conn: "_Connection", storages: list[str]) -> None:
+        """``LOST``: freeze these storages now, re-check them soon."""
+        if not storages:
             return
+        zeo = sorted(s for s in set(storages) if s in self._specs)
+        other = sorted(set(storages) - set(zeo))
+        log.warning(
+            "%s: reports for storages %s were lost: freezing them until re-checked",
+            conn.peer,
+            ", ".join(sorted(set(storages))),
+        )
+        if zeo:
+            txn = self._internal_id("recheck")
+            self.tracker.begin(txn, zeo)
+            self._lost_queue.append((txn, zeo))
+            self._lost_event.set()
+        if other:
+            txn = self._internal_id("freeze")
+            self.tracker.begin(txn, other)
+            asyncio.get_running_loop().call_later(self.grace, self._end_freeze, txn, other)
+
+    def _end_freeze(self, txn: str, storages: list[str]) -> None:
+        log.warning(
+            "storages %s have no zeo address and cannot be re-checked; publishing them again"
+            " after in_doubt_grace (%g s)",
+            ", ".join(storages),
+            self.grace,
+        )
+        self._apply_publication(self.tracker.abort(txn))
+
+    async def _recheck_worker(self) -> None:
+        while True:
+            await self._lost_event.wait()
+            self._lost_event.clear()
+            await self._bootstrapped_event.wait()
+            batch, self._lost_queue = self._lost_queue, []
+            if not batch:
+                continue
+            storages = sorted({s for _, group in batch for s in group})
+            specs = {s: self._specs[s] for s in storages}
+            txn = self._internal_id("recheck-noop")
+            result = await self._with_retries("re-check", self._check_call(specs, txn))
+            self._freeze_splits(result.splits)
+            for frozen, group in batch:
+                self._apply_publication(
+                    self.tracker.commit(frozen, {s: result.tids[s] for s in group})
+                )
+            log.info(
+                "re-checked storages %s: %d recent transactions, %s",
+                ", ".join(storages),
+                result.scanned,
+                f"{len(result.splits)} SPLIT" if result.splits else "none split",
+            )
+
+    # -- in-doubt transactions ---------------------------------------------
+
+    def connection_closed(self, conn: "_Connection") -> None:
+        if not conn.begun:
+            return
+        loop = asyncio.get_running_loop()
+        for txn in conn.begun:
+            if self._owner.get(txn) is conn:
+                loop.call_later(self.grace, self.in_doubt, txn, "its client disconnected")
+
+    def in_doubt(self, txn: str, why: str, reported: bool = False) -> None:
+        members = self.tracker.in_flight().get(txn)
+        if members is None or txn in self._resolving or txn in self._splits:
+            return
+        owner = self._owner.get(txn)
+        if owner is not None and not owner.closing and not reported:
+            return  # the connection that began it is still there
+        if not txn.startswith("ts:"):
+            if txn not in self._warned_legacy:
+                self._warned_legacy.add(txn)
+                log.error(
+                    "transaction %r is in doubt (%s) but was sent by a legacy client: it has"
+                    " no stamp to check; storages %s stay blocked until it ends",
+                    txn, why, ", ".join(sorted(members)),
+                )
+            return
+        missing = sorted(s for s in members if s not in self._specs)
+        if missing:
+            log.error(
+                "transaction %s is in doubt (%s) but storages %s have no zeo address to"
+                " check: its storages stay blocked",
+                txn, why, ", ".join(missing),
+            )
+            return
+        self._resolving.add(txn)
+        self._spawn(self._resolve(txn, sorted(members), why))
+
+    async def _resolve(self, txn: str, storages: list[str], why: str) -> None:
+        from .recovery import locate, scan_start
+
+        try:
+            published = self.tracker.published_view()
+            since = {s: scan_start(published.get(s)) for s in storages}
+            specs = {s: self._specs[s] for s in storages}
+            found = await self._with_retries(
+                f"in-doubt {txn}", lambda: locate(specs, since, txn)
+            )
+        finally:
+            self._resolving.discard(txn)
+        if txn not in self.tracker.in_flight():
+            return  # its COMMIT/ABORT came meanwhile
+        self._forget_owner(txn)
+        if len(found) == len(storages):
+            log.warning("in-doubt transaction %s (%s): found in every storage: committed", txn, why)
+            self._apply_publication(self.tracker.commit(txn, found))
+        elif not found:
+            log.warning("in-doubt transaction %s (%s): found in no storage: aborted", txn, why)
+            self._apply_publication(self.tracker.abort(txn))
+        else:
+            from .stamps import Split
+
+            self._freeze_splits([Split(
+                id=txn, storages=tuple(storages), present=found,
+                missing=tuple(s for s in storages if s not in found), unknown=(),
+            )])
+
+    def _forget_owner(self, txn: str) -> None:
+        owner = self._owner.pop(txn, None)
+        if owner is not None:
+            owner.begun.discard(txn)
 
     def _zeo_specs(self) -> dict:
         from .zeo import ZeoSpec, parse_address
@@ -252,12 +449,20 @@ class Daemon:
             try:
                 if kind is p.COMMIT:
                     pub = tracker.commit(event[1], event[2])
+                    owner = self._owner.pop(event[1], None)
+                    if owner is not None:
+                        owner.begun.discard(event[1])
                     if pub.published or pub.decreases:
                         self._apply_publication(pub)
                 elif kind is p.BEGIN:
-                    tracker.begin(event[1], event[2])
+                    tracker.begin(event[1], event[2], event[3])
+                    self._owner[event[1]] = conn
+                    conn.begun.add(event[1])
                 elif kind is p.ABORT:
                     pub = tracker.abort(event[1])
+                    owner = self._owner.pop(event[1], None)
+                    if owner is not None:
+                        owner.begun.discard(event[1])
                     if pub.published or pub.decreases:
                         self._apply_publication(pub)
                 elif kind is p.DUMP:
@@ -273,6 +478,10 @@ class Daemon:
                     log.error("%s: protocol error: %s; closing the connection", conn.peer, event[1])
                     conn.close_after(replies)
                     return b""
+                elif kind is p.LOST:
+                    self.on_lost(conn, event[1])
+                elif kind is p.INDOUBT:
+                    self.in_doubt(event[1], "its client reported it", reported=True)
                 elif kind is p.AUTH:
                     # A repeated AUTH on an authenticated connection is harmless.
                     replies.append(b"1\n")
@@ -295,7 +504,7 @@ class Daemon:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("daemon", "transport", "peer", "decoder", "authenticated", "closing")
+    __slots__ = ("daemon", "transport", "peer", "decoder", "authenticated", "closing", "begun")
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -303,6 +512,8 @@ class _Connection(asyncio.Protocol):
         self.authenticated = daemon.listen.auth_token is None
         self.closing = False
         self.peer = "?"
+        self.transport = None
+        self.begun: set[str] = set()  # transactions this connection began
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -332,7 +543,9 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
         self.daemon._connections.discard(self)
+        self.daemon.connection_closed(self)
         log.debug("%s: disconnected", self.peer)
 
     def pause_writing(self) -> None:

@@ -44,6 +44,23 @@ whole, a group is a plain object shared by its storages (merge the smaller
 into the larger): every operation costs O(number of storages it names), not
 O(transactions in flight).
 
+Bounds: busy groups publish too
+-------------------------------
+Under steady load a group may never be quiet (some transaction always links
+its storages), and the rule above would publish nothing for ever. A BEGIN may
+therefore carry, per storage, a *bound*: a TID the transaction's commit on
+that storage is known to exceed (the ZODB integration sends the storage's
+``lastTransaction()`` taken before the vote; TIDs are chosen under the
+storage's commit lock at vote, so the commit's TID is greater). When a
+transaction of a busy group ends, the group publishes the largest part of its
+held commits that lies below every in-flight transaction: each storage is
+capped at the smallest bound of the in-flight transactions on it (at the
+published TID for a transaction without bounds: legacy clients get exactly
+the group rule); a held transaction above a cap on one storage is excluded on
+all its storages (each is capped just below it), until nothing changes; what
+remains is wholly below every cap, so no in-flight or excluded transaction is
+cut in two, and it is published.
+
 Refusals
 --------
 These leave the state exactly as it was and raise :class:`Refused`, whose
@@ -104,13 +121,14 @@ NOTHING = Publication()
 class _Group:
     """Storages linked by in-flight or held transactions."""
 
-    __slots__ = ("storages", "in_flight", "held")
+    __slots__ = ("storages", "txns", "held")
 
     def __init__(self) -> None:
         self.storages: set[str] = set()
-        self.in_flight = 0
-        #: storage -> newest committed TID not yet published
-        self.held: dict[str, int] = {}
+        #: ids of its in-flight transactions
+        self.txns: set[str] = set()
+        #: committed, unpublished transactions: their {storage: tid}
+        self.held: list[dict[str, int]] = []
 
 
 class Tracker:
@@ -121,6 +139,8 @@ class Tracker:
         self._published: dict[str, int] = dict(initial or {})
         #: transaction id -> its storages (as given at begin)
         self._in_flight: dict[str, frozenset[str]] = {}
+        #: transaction id -> lower bounds of its TIDs (BEGIN2 only)
+        self._bounds: dict[str, dict[str, int]] = {}
         #: storage -> its group, for storages in a non-quiet group
         self._group_of: dict[str, _Group] = {}
         self._bootstrapped = False
@@ -144,22 +164,36 @@ class Tracker:
         return dict(self._in_flight)
 
     def groups(self) -> list[tuple[frozenset[str], int, dict[str, int]]]:
-        """The live groups as (storages, in-flight count, held TIDs)."""
+        """The live groups as (storages, in-flight count, newest held TIDs)."""
         seen: dict[int, _Group] = {id(g): g for g in self._group_of.values()}
         return [
-            (frozenset(g.storages), g.in_flight, dict(g.held))
+            (frozenset(g.storages), len(g.txns), _newest(g.held))
             for g in seen.values()
         ]
 
     # -- reports ---------------------------------------------------------
 
-    def begin(self, txn: str, storages: Iterable[str]) -> None:
+    def begin(
+        self, txn: str, storages: Iterable[str], bounds: Mapping[str, int] | None = None
+    ) -> None:
+        """Register an in-flight transaction.
+
+        ``bounds`` (optional, per storage): a TID its commit on that storage
+        is known to be greater than (the storage's last TID seen by the
+        client before the commit's vote). Without bounds, its storages
+        publish nothing until it ends; with them, the group's committed
+        transactions below the bounds can be published meanwhile.
+        """
         members = frozenset(storages)
         if not members:
             raise Refused(f"BEGIN {txn!r} names no storage")
         if txn in self._in_flight:
             raise Refused(f"BEGIN {txn!r}: this transaction is already in flight")
+        if bounds is not None and set(bounds) != members:
+            raise Refused(f"BEGIN {txn!r}: bounds name {sorted(bounds)}, not {sorted(members)}")
         self._in_flight[txn] = members
+        if bounds is not None:
+            self._bounds[txn] = dict(bounds)
         group_of = self._group_of
         # The largest existing group absorbs the others (and new storages).
         target: _Group | None = None
@@ -180,7 +214,7 @@ class Tracker:
                 group_of[storage] = target
             else:
                 self._merge(group, target)
-        target.in_flight += 1
+        target.txns.add(txn)
 
     def commit(self, txn: str, tids: Mapping[str, int]) -> Publication:
         members = self._in_flight.get(txn)
@@ -191,18 +225,17 @@ class Tracker:
                 f"COMMIT {txn!r} names storages {sorted(tids)} but BEGIN named {sorted(members)}"
             )
         del self._in_flight[txn]
+        self._bounds.pop(txn, None)
         group = self._group_of[next(iter(members))]
-        held = group.held
-        for storage, tid in tids.items():
-            if tid > held.get(storage, -1):
-                held[storage] = tid
-        return self._end(group)
+        group.held.append(dict(tids))
+        return self._end(group, txn)
 
     def abort(self, txn: str) -> Publication:
         members = self._in_flight.pop(txn, None)
         if members is None:
             raise Refused(f"ABORT {txn!r} received, but it never began (or ended already)")
-        return self._end(self._group_of[next(iter(members))])
+        self._bounds.pop(txn, None)
+        return self._end(self._group_of[next(iter(members))], txn)
 
     def set_bootstrapped(self) -> None:
         """Allow publication from now on (see Bootstrap above)."""
@@ -215,15 +248,14 @@ class Tracker:
         for storage in source.storages:
             group_of[storage] = target
         target.storages |= source.storages
-        target.in_flight += source.in_flight
-        held = target.held
-        for storage, tid in source.held.items():
-            if tid > held.get(storage, -1):
-                held[storage] = tid
+        target.txns |= source.txns
+        target.held += source.held
 
-    def _end(self, group: _Group) -> Publication:
-        group.in_flight -= 1
-        if group.in_flight:
+    def _end(self, group: _Group, txn: str) -> Publication:
+        group.txns.discard(txn)
+        if group.txns:
+            if group.held and self._bootstrapped:
+                return self._publish_below_bounds(group)
             return NOTHING
         # Quiet: dissolve the group and publish what it held.
         group_of = self._group_of
@@ -231,7 +263,43 @@ class Tracker:
             del group_of[storage]
         if not group.held or not self._bootstrapped:
             return NOTHING
-        return self._publish(group.held)
+        return self._publish(_newest(group.held))
+
+    def _publish_below_bounds(self, group: _Group) -> Publication:
+        """Publish the largest coherent part of a busy group's held commits.
+
+        Every in-flight transaction will commit above its bounds (or, with
+        none, above the published TID) on each of its storages: cap each
+        storage there. A held transaction above the cap on one storage is
+        excluded on all of them (cap those below it), until nothing changes.
+        What remains is wholly below every cap: publish it.
+        """
+        published = self._published
+        cap: dict[str, int] = {}
+        for txn in group.txns:
+            bounds = self._bounds.get(txn)
+            for storage in self._in_flight[txn]:
+                limit = bounds[storage] if bounds is not None else published.get(storage, -1)
+                if limit < cap.get(storage, limit + 1):
+                    cap[storage] = limit
+        held = group.held
+        excluded = [False] * len(held)
+        changed = True
+        while changed:
+            changed = False
+            for i, tids in enumerate(held):
+                if excluded[i]:
+                    continue
+                if any(t > cap.get(s, t) for s, t in tids.items()):
+                    excluded[i] = changed = True
+                    for s, t in tids.items():
+                        if t <= cap.get(s, t):
+                            cap[s] = t - 1
+        included = [tids for i, tids in enumerate(held) if not excluded[i]]
+        if not included:
+            return NOTHING
+        group.held = [tids for i, tids in enumerate(held) if excluded[i]]
+        return self._publish(_newest(included))
 
     def _publish(self, tids: dict[str, int]) -> Publication:
         published = self._published
@@ -246,3 +314,12 @@ class Tracker:
         if not changed and not decreases:
             return NOTHING
         return Publication(changed, tuple(decreases))
+
+
+def _newest(held: list[dict[str, int]]) -> dict[str, int]:
+    newest: dict[str, int] = {}
+    for tids in held:
+        for storage, tid in tids.items():
+            if tid > newest.get(storage, -1):
+                newest[storage] = tid
+    return newest

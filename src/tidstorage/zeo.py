@@ -19,12 +19,13 @@ import logging
 import os
 import re
 import threading
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ZODB.Connection import TransactionMetaData
-from ZODB.utils import u64
+from ZODB.utils import p64, u64
 
 __all__ = [
     "BOOTSTRAP_EXTENSION",
@@ -220,7 +221,8 @@ def _sort_key(client, storage_id: str) -> tuple[str, str]:
 
 
 def commit_noop(specs: Mapping[str, ZeoSpec], timeout: float = 30.0,
-                description: str = "tidstorage bootstrap") -> dict[str, int]:
+                description: str = "tidstorage bootstrap",
+                coherency_id: str | None = None) -> dict[str, int]:
     """Commit one empty transaction on all *specs* as a single 2PC.
 
     *specs* maps storage ids (tidstorage's names) to :class:`ZeoSpec`.
@@ -239,13 +241,13 @@ def commit_noop(specs: Mapping[str, ZeoSpec], timeout: float = 30.0,
     specs = {str(sid): spec for sid, spec in specs.items()}
     clients = _open_all(specs, timeout)
     try:
-        return _two_phase_noop(specs, clients, description)
+        return _two_phase_noop(specs, clients, description, coherency_id)
     finally:
         for client in clients.values():
             _close_quietly(client)
 
 
-def _two_phase_noop(specs, clients, description) -> dict[str, int]:
+def _two_phase_noop(specs, clients, description, coherency_id=None) -> dict[str, int]:
     keys = {sid: _sort_key(clients[sid], sid) for sid in clients}
     seen: dict[str, str] = {}
     for sid in sorted(clients):
@@ -259,9 +261,13 @@ def _two_phase_noop(specs, clients, description) -> dict[str, int]:
                 f"{specs[sid].storage!r})")
         seen[key] = sid
     order = sorted(clients, key=keys.__getitem__)
+    # Stamped like any multi-storage commit (see storage.py), so that the
+    # files alone show it whole or split.
+    stamp = dict(BOOTSTRAP_EXTENSION["tidstorage"])
+    stamp["id"] = coherency_id or "ts:" + uuid.uuid4().hex
+    stamp["storages"] = sorted(specs)
     txn = TransactionMetaData(
-        user="", description=description,
-        extension={"tidstorage": dict(BOOTSTRAP_EXTENSION["tidstorage"])})
+        user="", description=description, extension={"tidstorage": stamp})
     begun: list[str] = []       # tpc_begin called, client-side 2PC open
     finished: dict[str, int] = {}
     phase = "tpc_begin"
@@ -303,6 +309,31 @@ def _two_phase_noop(specs, clients, description) -> dict[str, int]:
         raise ZeoUnavailable(message, current, specs[current].address) from exc
     logger.debug("bootstrap commit done: %s", finished)
     return {sid: finished[sid] for sid in specs}
+
+
+def scan_extensions(spec: ZeoSpec, since_tid: int | None, until_tid: int | None = None,
+                    timeout: float = 10.0, storage_id: str | None = None
+                    ) -> list[tuple[int, dict]]:
+    """``(tid, extension)`` of the storage's transactions with
+    ``since_tid < tid <= until_tid``, read through ZEO (no object data is
+    transferred: ZEO iterates transaction headers on the server)."""
+    client = open_client(spec, timeout, read_only=True, storage_id=storage_id)
+    try:
+        start = p64(since_tid + 1) if since_tid is not None else None
+        stop = p64(until_tid) if until_tid is not None else None
+        out = []
+        for record in client.iterator(start, stop):
+            ext = record.extension
+            out.append((u64(record.tid), ext if isinstance(ext, dict) else {}))
+        return out
+    except ZeoUnavailable:
+        raise
+    except Exception as exc:
+        raise ZeoUnavailable(
+            f"cannot read the transactions of {_describe(storage_id or spec.storage, spec)}: "
+            f"{_exc_text(exc)}", storage_id, spec.address) from exc
+    finally:
+        _close_quietly(client)
 
 
 def last_transaction(spec: ZeoSpec, timeout: float = 10.0) -> int:

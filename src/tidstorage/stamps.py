@@ -1,0 +1,264 @@
+"""Coherency stamps: finding multi-storage transactions that are split.
+
+Pure logic, no I/O: used by ``verify``, ``restore`` and ``repair`` (on
+transaction headers read from ``Data.fs`` tails by :mod:`tidstorage.fsscan`)
+and by the daemon (on extensions read through ZEO).
+
+The stamp
+---------
+
+Every transaction committed through tidstorage's ZODB wrapper on *several*
+storages carries, in its transaction metadata extension (the pickled dict
+stored in each storage's transaction record, identical in every storage)::
+
+    extension["tidstorage"] = {"id": "<coherency id>", "storages": ["a", "b"]}
+
+``id`` identifies the transaction across storages (each storage gives the
+transaction its *own* TID, so TIDs cannot be matched); ``storages`` is the
+sorted list of the storage ids (the wire ids, the keys of
+``Config.storages``) the transaction was committed to.  The daemon's
+bootstrap no-op transaction carries the same keys plus ``"bootstrap": True``.
+Single-storage transactions carry no stamp; an older bootstrap stamp without
+``id`` (``{"bootstrap": True}``) is not a multi-storage stamp either.
+
+Splits
+------
+
+A set of storages, each cut at some TID (everything after the cut dropped),
+is *coherent* when every stamped transaction is either kept in all of its
+storages or dropped from all of them.  A stamped transaction kept in some of
+its storages and missing from others is a :class:`Split`.
+
+Only the *tails* of the files are read (the cost must grow with the tail, not
+with the file), so the caller passes, for each scanned storage, the
+transactions of a window at the end of the file.  A transaction absent from
+a storage's window is then either really missing, or older than the window.
+The caller tells which with ``horizon`` (see :func:`find_splits`): a stamp is
+only declared missing from storage ``m`` if its present TIDs are all newer
+than ``horizon[m]``, i.e. its record in ``m``, if it existed, would be in the
+scanned window.  Otherwise its state in ``m`` is *unknown*, like a storage
+named by the stamp that is not scanned at all.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "STAMP_KEY",
+    "MAX_TID",
+    "Stamp",
+    "Split",
+    "stamp_of",
+    "stamp_value",
+    "find_splits",
+    "largest_coherent_cut",
+]
+
+#: The extension key of a stamp.
+STAMP_KEY = "tidstorage"
+
+#: The largest TID: a cut at MAX_TID keeps everything.
+MAX_TID = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """A multi-storage stamp: coherency id and the (sorted) storage ids."""
+
+    id: str
+    storages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A stamped transaction kept in some storages and missing in others."""
+
+    id: str
+    #: every storage named by the stamp (sorted)
+    storages: tuple[str, ...]
+    #: storage -> TID, for the scanned storages where it is kept
+    present: dict[str, int] = field(default_factory=dict)
+    #: scanned storages where it is missing (sorted)
+    missing: tuple[str, ...] = ()
+    #: storages named by the stamp whose state is unknown: not scanned, or
+    #: the transaction would lie below their scanned window (sorted)
+    unknown: tuple[str, ...] = ()
+
+
+def stamp_of(extension: Mapping) -> Stamp | None:
+    """The multi-storage stamp in a transaction extension, or None.
+
+    None when there is no stamp, when it is malformed (``id`` not a non-empty
+    string, ``storages`` not a list of non-empty strings), or when it names
+    fewer than two distinct storages (a single-storage transaction cannot be
+    split).  Never raises.
+    """
+    if not isinstance(extension, Mapping):
+        return None
+    value = extension.get(STAMP_KEY)
+    if not isinstance(value, Mapping):
+        return None
+    stamp_id = value.get("id")
+    storages = value.get("storages")
+    if not isinstance(stamp_id, str) or not stamp_id:
+        return None
+    if not isinstance(storages, (list, tuple)):
+        return None
+    if not all(isinstance(s, str) and s for s in storages):
+        return None
+    names = tuple(sorted(set(storages)))
+    if len(names) < 2:
+        return None
+    return Stamp(stamp_id, names)
+
+
+def stamp_value(stamp_id: str, storages: Iterable[str], *, bootstrap: bool = False) -> dict:
+    """The value to store under ``extension[STAMP_KEY]`` (the inverse of
+    :func:`stamp_of`): ``{"id": ..., "storages": [sorted ids]}``."""
+    value: dict = {"id": str(stamp_id), "storages": sorted(set(storages))}
+    if bootstrap:
+        value["bootstrap"] = True
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------
+
+
+def _index(txns: Mapping[str, Iterable[tuple[int, Stamp | None]]]):
+    """(sorted tid lists, stamp id -> (Stamp, {storage: tid}))."""
+    tids: dict[str, list[int]] = {}
+    stamps: dict[str, tuple[Stamp, dict[str, int]]] = {}
+    for storage, items in txns.items():
+        lst = []
+        for tid, stamp in items:
+            lst.append(tid)
+            if stamp is None:
+                continue
+            entry = stamps.get(stamp.id)
+            if entry is None:
+                entry = stamps[stamp.id] = (stamp, {})
+            # The same id twice in one storage is not something the wrapper
+            # writes; keep the oldest record.
+            entry[1].setdefault(storage, tid)
+        lst.sort()
+        tids[storage] = lst
+    return tids, stamps
+
+
+def _splits(scanned, stamps, cut, horizon) -> list[Split]:
+    out = []
+    for stamp_id, (stamp, where) in stamps.items():
+        # A stamp found in a storage it does not name is malformed; count
+        # that storage in anyway, it holds the transaction.
+        named = sorted(set(stamp.storages) | where.keys())
+        present = {}
+        absent = []
+        for s in named:
+            if s not in scanned:
+                continue
+            tid = where.get(s)
+            if tid is not None and (cut is None or tid <= cut.get(s, MAX_TID)):
+                present[s] = tid
+            else:
+                absent.append(s)
+        if not present or not absent:
+            continue
+        missing, unknown = [], [s for s in named if s not in scanned]
+        oldest = min(present.values())
+        for m in absent:
+            if m in where:
+                missing.append(m)  # its record is there, after the cut
+            elif horizon is not None and m in horizon and oldest <= horizon[m]:
+                unknown.append(m)  # may lie below m's scanned window
+            else:
+                missing.append(m)
+        if missing:
+            out.append(Split(stamp_id, tuple(named), present, tuple(missing),
+                             tuple(sorted(unknown))))
+    out.sort(key=lambda sp: (min(sp.present.values()), sp.id))
+    return out
+
+
+def find_splits(
+    txns: Mapping[str, Iterable[tuple[int, Stamp | None]]],
+    cut: Mapping[str, int] | None = None,
+    *,
+    horizon: Mapping[str, int] | None = None,
+) -> list[Split]:
+    """Stamped transactions kept in some scanned storages and missing in others.
+
+    ``txns`` maps each scanned storage id to its ``(tid, stamp)`` transactions
+    in the scanned window (any order; ``stamp`` from :func:`stamp_of`).
+
+    ``cut`` (storage -> TID, optional): only transactions with
+    ``tid <= cut[storage]`` count as present (a storage without a cut keeps
+    everything).  Without ``cut``, the files are taken as they are.
+
+    ``horizon`` (storage -> TID, optional) says how far back each storage
+    was scanned: a stamp that is *absent* from storage ``m``'s transactions is
+    declared missing from ``m`` only if all of its present TIDs are greater
+    than ``horizon[m]``; otherwise it is reported as unknown for ``m`` (its
+    record may be older than the window, or may have been removed by a pack).
+    A record of the stamp that *is* in ``m``'s transactions but after
+    ``cut[m]`` is always missing.  Storages named by a stamp but absent from
+    ``txns`` are unknown.
+
+    A stamp is a split when it is present in at least one storage and
+    missing (not merely unknown) in at least one.  Sorted by oldest present
+    TID.
+    """
+    tids, stamps = _index(txns)
+    return _splits(tids, stamps, cut, horizon)
+
+
+def largest_coherent_cut(
+    txns: Mapping[str, Iterable[tuple[int, Stamp | None]]],
+    start: Mapping[str, int],
+    *,
+    horizon: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """The greatest cut ``<= start`` (per storage) with no split transaction.
+
+    ``txns`` and ``horizon`` as for :func:`find_splits`; ``start`` gives each
+    storage's highest acceptable cut TID (a scanned storage missing from
+    ``start`` starts at :data:`MAX_TID`).  Returns a cut for every storage of
+    ``start`` and of ``txns``.
+
+    Algorithm: starting from ``C = start``, while some stamped transaction
+    ``T`` is split under ``C``, lower ``C[s]``, for every storage ``s`` where
+    ``T`` is kept, to the TID of the transaction just before ``T`` in ``s``
+    (``tid - 1`` if ``T`` is the oldest scanned one: the same cut, since TIDs
+    are integers).  Repeat until no transaction is split.
+
+    Why it is the largest: let ``C*`` be any coherent cut ``<= start``.
+    Inductively ``C* <= C``.  If ``T`` is split under ``C``, missing in ``m``
+    (dropped there: ``tid_m > C[m] >= C*[m]``, or not in ``m`` at all), ``T``
+    is missing in ``m`` under ``C*`` too, so for ``C*`` to be coherent ``T``
+    must be dropped from every ``s`` where it is kept under ``C``:
+    ``C*[s] < tid_s(T)``, i.e. ``C*[s]`` keeps at most the transactions
+    before ``T``, which is what the lowered ``C[s]`` keeps.  So ``C* <= C``
+    still holds after the step.  Cuts only go down and there are finitely
+    many transactions, so the loop ends, at a coherent cut that is ``>=``
+    every coherent cut: the largest one.  (It is unique: the coherent cuts
+    are closed under the per-storage maximum.)  The cost is
+    O(rounds * transactions); in practice one or two rounds.
+    """
+    tids, stamps = _index(txns)
+    cut = {s: MAX_TID for s in tids}
+    cut.update(start)
+    while True:
+        splits = _splits(tids, stamps, cut, horizon)
+        if not splits:
+            return cut
+        for split in splits:
+            for s, tid in split.present.items():
+                lst = tids[s]
+                i = bisect.bisect_left(lst, tid)
+                below = lst[i - 1] if i > 0 else tid - 1
+                if below < cut[s]:
+                    cut[s] = below
