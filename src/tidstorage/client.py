@@ -31,6 +31,17 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def open_socket(
+    address: tuple[str, int], timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> socket.socket:
+    """A TCP connection to the daemon (no Nagle delay; TLS if configured)."""
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is not None:
+        sock = ssl_context.wrap_socket(sock, server_hostname=address[0])
+    return sock
+
+
 class Client:
     def __init__(
         self,
@@ -43,13 +54,9 @@ class Client:
         self.address = address
         self._reader = p.ReplyReader()
         try:
-            sock = socket.create_connection(address, timeout=timeout)
+            self._sock = open_socket(address, timeout, ssl_context)
         except OSError as exc:
             raise ClientError(f"cannot connect to the daemon at {_fmt(address)}: {exc}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if ssl_context is not None:
-            sock = ssl_context.wrap_socket(sock, server_hostname=address[0])
-        self._sock = sock
         if auth_token is not None:
             self._send(p.encode_auth(auth_token))
             if self._read(self._reader.read_int) != 1:

@@ -32,6 +32,7 @@ import time
 from typing import Iterable, Mapping
 
 from . import protocol as p
+from .client import open_socket
 
 log = logging.getLogger("tidstorage.reporter")
 
@@ -185,10 +186,7 @@ class Reporter:
         self._wake.set()
 
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection(self.address, timeout=self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._ssl is not None:
-            sock = self._ssl.wrap_socket(sock, server_hostname=self.address[0])
+        sock = open_socket(self.address, self.timeout, self._ssl)
         reader = p.ReplyReader()
         hello = b""
         if self._auth_token is not None:
