@@ -103,7 +103,7 @@ def test_dump_reply_matches_legacy_send_dict():
         (b"COMMIT\nt1\n1\ns1\n%d\n" % 2**64, "out of range"),
         (b"COMMIT\nt1\n2\ns1\ns1\n1\n2\n", "twice"),
         (b"BEGIN\n\xff\xfe\n1\ns1\n", "not UTF-8"),
-        (b"BEGIN\n" + b"x" * (p.MAX_FIELD_BYTES + 1) + b"\n1\ns\n", "bytes long"),
+        (b"BEGIN\n" + b"x" * (p.MAX_FIELD_BYTES + 1) + b"\n1\ns\n", "long (limit"),
         (b"DUMP\n" + b"y" * (p.MAX_FIELD_BYTES + 1), "no end of line"),
         (b"\x00\x01\x02\n", "unknown command"),
     ],

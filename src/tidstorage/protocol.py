@@ -83,10 +83,10 @@ INDOUBT = "INDOUBT"  # (INDOUBT, txn: str)
 ERROR = "ERROR"  # (ERROR, message: str): malformed input; close the connection
 
 _SIMPLE = {
-    b"DUMP": (DUMP,),
-    b"BOOTSTRAPED": (BOOTSTRAPED,),
-    b"QUIT": (QUIT,),
-    b"SYNC": (SYNC,),
+    "DUMP": (DUMP,),
+    "BOOTSTRAPED": (BOOTSTRAPED,),
+    "QUIT": (QUIT,),
+    "SYNC": (SYNC,),
 }
 
 
@@ -98,16 +98,19 @@ class _Incomplete(Exception):
     """The buffered fields end in the middle of a command."""
 
 
-def _text(field: bytes, what: str) -> str:
+def _text(field: str, what: str) -> str:
     if len(field) > MAX_FIELD_BYTES:
-        raise ProtocolError(f"{what} is {len(field)} bytes long (limit {MAX_FIELD_BYTES})")
-    try:
-        return field.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError(f"{what} is not UTF-8: {field[:40]!r}") from None
+        raise ProtocolError(f"{what} is {len(field)} characters long (limit {MAX_FIELD_BYTES})")
+    return field
 
 
-def _count(field: bytes, what: str) -> int:
+def _texts(fields: list[str], what: str) -> list[str]:
+    if fields and max(map(len, fields)) > MAX_FIELD_BYTES:
+        raise ProtocolError(f"a {what} is over {MAX_FIELD_BYTES} characters long")
+    return fields
+
+
+def _count(field: str | bytes, what: str) -> int:
     try:
         value = int(field)
     except ValueError:
@@ -117,7 +120,7 @@ def _count(field: bytes, what: str) -> int:
     return value
 
 
-def _tid(field: bytes, key: str) -> int:
+def _tid(field: str | bytes, key: str) -> int:
     try:
         value = int(field)
     except ValueError:
@@ -127,15 +130,24 @@ def _tid(field: bytes, key: str) -> int:
     return value
 
 
+def _utf8_error(data: bytes, exc: UnicodeDecodeError) -> ProtocolError:
+    start = data.rfind(b"\n", 0, exc.start) + 1
+    end = data.find(b"\n", exc.start)
+    field = data[start : end if end >= 0 else len(data)]
+    return ProtocolError(f"a field is not UTF-8: {field[:40]!r}")
+
+
 class Decoder:
     """Turn received bytes into command events.
 
     ``feed(data)`` returns the commands completed by ``data``. After an
     :data:`ERROR` event the decoder is broken and returns nothing more.
+    Complete lines are decoded from UTF-8 in one call per read (a partial
+    last line stays bytes, so a character split across reads is fine).
     """
 
     def __init__(self) -> None:
-        self._fields: list[bytes] = []  # complete fields of an incomplete command
+        self._fields: list[str] = []  # complete fields of an incomplete command
         self._partial = b""  # bytes of a field not yet ended by \n
         self._broken = False
 
@@ -146,16 +158,28 @@ class Decoder:
             data = data.replace(b"\r", b"")
         if self._partial:
             data = self._partial + data
-        parts = data.split(b"\n")
-        self._partial = partial = parts.pop()
-        if self._fields:
-            parts = self._fields + parts
+        cut = data.rfind(b"\n")
         events: list[tuple] = []
         try:
+            if cut < 0:
+                self._partial = data
+                if len(data) > MAX_FIELD_BYTES:
+                    raise ProtocolError(
+                        f"a field is over {MAX_FIELD_BYTES} bytes long with no end of line"
+                    )
+                return events
+            self._partial = partial = data[cut + 1 :]
             if len(partial) > MAX_FIELD_BYTES:
                 raise ProtocolError(
                     f"a field is over {MAX_FIELD_BYTES} bytes long with no end of line"
                 )
+            complete = data[:cut]
+            try:
+                parts = complete.decode("utf-8").split("\n")
+            except UnicodeDecodeError as exc:
+                raise _utf8_error(complete, exc) from None
+            if self._fields:
+                parts = self._fields + parts
             used = self._parse(parts, events)
         except ProtocolError as exc:
             self._broken = True
@@ -175,7 +199,7 @@ class Decoder:
         return bool(self._fields or self._partial)
 
     @staticmethod
-    def _parse(fields: list[bytes], events: list[tuple]) -> int:
+    def _parse(fields: list[str], events: list[tuple]) -> int:
         """Decode whole commands from ``fields``; return how many fields they used."""
         n = len(fields)
         i = 0
@@ -184,7 +208,7 @@ class Decoder:
             start = i
             name = fields[i].upper()
             try:
-                if name == b"BEGIN":
+                if name == "BEGIN":
                     if i + 2 >= n:
                         raise _Incomplete
                     txn = _text(fields[i + 1], "transaction id")
@@ -192,10 +216,10 @@ class Decoder:
                     i += 3
                     if i + count > n:
                         raise _Incomplete
-                    storages = [_text(f, "storage id") for f in fields[i : i + count]]
+                    storages = _texts(fields[i : i + count], "storage id")
                     i += count
                     append((BEGIN, txn, storages, None))
-                elif name == b"COMMIT" or name == b"BEGIN2":
+                elif name == "COMMIT" or name == "BEGIN2":
                     if i + 2 >= n:
                         raise _Incomplete
                     txn = _text(fields[i + 1], "transaction id")
@@ -203,17 +227,22 @@ class Decoder:
                     i += 3
                     if i + 2 * count > n:
                         raise _Incomplete
-                    keys = [_text(f, "storage id") for f in fields[i : i + count]]
-                    values = fields[i + count : i + 2 * count]
-                    tids = {k: _tid(v, k) for k, v in zip(keys, values)}
+                    keys = _texts(fields[i : i + count], "storage id")
+                    try:
+                        tids = dict(zip(keys, map(int, fields[i + count : i + 2 * count])))
+                    except ValueError:
+                        tids = {k: _tid(v, k) for k, v in zip(keys, fields[i + count : i + 2 * count])}
                     if len(tids) != count:
-                        raise ProtocolError(f"{name.decode()} {txn!r} names a storage twice")
+                        raise ProtocolError(f"{name} {txn!r} names a storage twice")
+                    for key, value in tids.items():
+                        if not 0 <= value <= MAX_TID:
+                            raise ProtocolError(f"TID of storage {key!r} is out of range: {value}")
                     i += 2 * count
-                    if name == b"COMMIT":
+                    if name == "COMMIT":
                         append((COMMIT, txn, tids))
                     else:
                         append((BEGIN, txn, keys, tids))
-                elif name == b"ABORT":
+                elif name == "ABORT":
                     if i + 1 >= n:
                         raise _Incomplete
                     append((ABORT, _text(fields[i + 1], "transaction id")))
@@ -221,23 +250,23 @@ class Decoder:
                 elif name in _SIMPLE:
                     append(_SIMPLE[name])
                     i += 1
-                elif name == b"AUTH":
+                elif name == "AUTH":
                     if i + 1 >= n:
                         raise _Incomplete
                     append((AUTH, _text(fields[i + 1], "auth token")))
                     i += 2
-                elif name == b"INDOUBT":
+                elif name == "INDOUBT":
                     if i + 1 >= n:
                         raise _Incomplete
                     append((INDOUBT, _text(fields[i + 1], "transaction id")))
                     i += 2
-                elif name == b"LOST":
+                elif name == "LOST":
                     if i + 1 >= n:
                         raise _Incomplete
                     count = _count(fields[i + 1], "storage list")
                     if i + 2 + count > n:
                         raise _Incomplete
-                    append((LOST, [_text(f, "storage id") for f in fields[i + 2 : i + 2 + count]]))
+                    append((LOST, _texts(fields[i + 2 : i + 2 + count], "storage id")))
                     i += 2 + count
                 else:
                     raise ProtocolError(f"unknown command {fields[i][:40]!r}")
@@ -340,7 +369,7 @@ class ReplyReader:
         count = _count(fields[0], "reply dict")
         if len(fields) < 1 + 2 * count:
             return None
-        keys = [_text(f, "storage id") for f in fields[1 : 1 + count]]
+        keys = [_text(f.decode("utf-8", "replace"), "storage id") for f in fields[1 : 1 + count]]
         values = [_tid(v, k) for k, v in zip(keys, fields[1 + count : 1 + 2 * count])]
         del fields[: 1 + 2 * count]
         return dict(zip(keys, values))

@@ -227,7 +227,7 @@ class Tracker:
         del self._in_flight[txn]
         self._bounds.pop(txn, None)
         group = self._group_of[next(iter(members))]
-        group.held.append(dict(tids))
+        group.held.append(tids if type(tids) is dict else dict(tids))  # noqa: E721
         return self._end(group, txn)
 
     def abort(self, txn: str) -> Publication:
@@ -261,9 +261,10 @@ class Tracker:
         group_of = self._group_of
         for storage in group.storages:
             del group_of[storage]
-        if not group.held or not self._bootstrapped:
+        held = group.held
+        if not held or not self._bootstrapped:
             return NOTHING
-        return self._publish(_newest(group.held))
+        return self._publish(held[0] if len(held) == 1 else _newest(held))
 
     def _publish_below_bounds(self, group: _Group) -> Publication:
         """Publish the largest coherent part of a busy group's held commits.
