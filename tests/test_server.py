@@ -353,3 +353,32 @@ def test_log_check_and_full_commands(tmp_path):
     records = read_log(tmp_path / "full.log").records
     assert [rec.kind for rec in records] == ["full", "full"]
     assert records[-1].tids == {"a": 6, "b": 7}
+
+
+def test_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    d = DaemonProcess(tmp_path / "d", server={"tls_cert": str(cert), "tls_key": str(key)}).start()
+    try:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with Client(d.address, ssl_context=ctx) as c:
+            c.begin("t1", ["a"])
+            c.commit("t1", {"a": 3})
+            assert c.dump() == {"a": 3}
+        # a plain-text client gets nothing it can use
+        s = socket.create_connection(d.address, timeout=5)
+        s.sendall(b"DUMP\n")
+        assert not s.recv(100).startswith(b"1\n")
+        s.close()
+        r = run_cli("dump", "-c", str(d.config_path), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"a": 3}
+    finally:
+        d.kill()

@@ -149,8 +149,14 @@ def dump(config_path, server, as_json, timeout) -> None:
         token = config.auth_token()
     except ConfigError as exc:
         _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    ssl_context = None
+    if config.server.tls_cert is not None and not server:
+        import ssl
+
+        # The daemon's own certificate is the trust anchor (self-signed setups).
+        ssl_context = ssl.create_default_context(cafile=str(config.server.tls_cert))
     try:
-        with Client(address, auth_token=token, timeout=timeout) as client:
+        with Client(address, auth_token=token, timeout=timeout, ssl_context=ssl_context) as client:
             tids = client.dump()
             bootstrapped = client.bootstrapped()
     except ClientError as exc:
