@@ -31,8 +31,10 @@ import asyncio
 import hmac
 import itertools
 import logging
+import collections
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -52,6 +54,13 @@ BOOTSTRAP_RETRY_MAX = 30.0
 #: Flow control: stop reading from a peer that does not read its replies once
 #: this many reply bytes are buffered for it (asyncio's high-water mark).
 WRITE_HIGH_WATER = 256 * 1024
+#: A read up to this size is an interactive request: applied at once.
+SMALL_READ = 4096
+#: Bulk reads are applied in pieces of about this size (~100 transactions)...
+BULK_PIECE = 16 * 1024
+#: ...for at most this long per event-loop iteration (then other peers, and
+#: DUMPs, get their turn).
+BULK_SLICE_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class Daemon:
         self._bootstrapped_event: asyncio.Event | None = None
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
+        self._bulk: collections.deque[_Connection] = collections.deque()
+        self._bulk_scheduled = False
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Connection] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -406,6 +417,25 @@ class Daemon:
 
     # -- commands --------------------------------------------------------
 
+    def queue_bulk(self, conn: "_Connection") -> None:
+        self._bulk.append(conn)
+        if not self._bulk_scheduled:
+            self._bulk_scheduled = True
+            asyncio.get_running_loop().call_soon(self._work_bulk)
+
+    def _work_bulk(self) -> None:
+        """Work off queued bulk reads for one slice, round robin."""
+        deadline = time.perf_counter() + BULK_SLICE_SECONDS
+        bulk = self._bulk
+        while bulk and time.perf_counter() < deadline:
+            conn = bulk.popleft()
+            if not conn.work(deadline):
+                bulk.append(conn)
+        if bulk:
+            asyncio.get_running_loop().call_soon(self._work_bulk)
+        else:
+            self._bulk_scheduled = False
+
     def _tick(self) -> None:
         self._write_log(self.writer.tick)
         self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
@@ -504,7 +534,21 @@ class Daemon:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("daemon", "transport", "peer", "decoder", "authenticated", "closing", "begun")
+    """One client connection.
+
+    Scheduling: a small read (an interactive request: ``DUMP``, a ZODB
+    client's ``BEGIN2`` + ``SYNC``...) is applied at once. A large read
+    (pipelined bulk reports) goes to the daemon's bulk queue, reading from
+    that connection pauses until it is drained, and the queue is worked off
+    in slices of at most :data:`BULK_SLICE_SECONDS` per loop iteration, so
+    interactive requests never wait behind a flood (DUMP latency stays low
+    under full load) and a flooding peer is slowed by TCP, not buffered.
+    """
+
+    __slots__ = (
+        "daemon", "transport", "peer", "decoder", "authenticated", "closing", "begun",
+        "backlog", "write_paused",
+    )
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -514,6 +558,8 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.transport = None
         self.begun: set[str] = set()  # transactions this connection began
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.write_paused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -526,6 +572,24 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if len(data) <= SMALL_READ and not self.backlog:
+            self.process(data)
+            return
+        # Bulk: queue it in slices that end at a line break.
+        backlog = self.backlog
+        start = 0
+        size = len(data)
+        while size - start > BULK_PIECE:
+            cut = data.rfind(b"\n", start, start + BULK_PIECE) + 1
+            if cut <= start:
+                break  # no line break: one piece (the decoder bounds it)
+            backlog.append(data[start:cut])
+            start = cut
+        backlog.append(data[start:] if start else data)
+        self.transport.pause_reading()
+        self.daemon.queue_bulk(self)
+
+    def process(self, data: bytes) -> None:
         events = self.decoder.feed(data)
         if not events:
             return
@@ -534,25 +598,53 @@ class _Connection(asyncio.Protocol):
             if not events:
                 return
         out = self.daemon.apply(self, events)
-        if out:
+        if out and not self.closing:
             self.transport.write(out)
 
+    def work(self, deadline: float) -> bool:
+        """Process queued pieces until ``deadline``; True when drained."""
+        backlog = self.backlog
+        clock = time.perf_counter
+        while backlog:
+            if self.closing:
+                backlog.clear()
+                break
+            self.process(backlog.popleft())
+            if clock() >= deadline:
+                break
+        if backlog:
+            return False
+        if not self.closing and not self.write_paused:
+            self.transport.resume_reading()
+        return True
+
+    def drain(self) -> None:
+        """Apply everything received (the peer is going away)."""
+        while self.backlog and not self.closing:
+            self.process(self.backlog.popleft())
+        self.backlog.clear()
+
     def eof_received(self) -> bool:
+        self.drain()
         if self.decoder.pending:
             log.warning("%s: disconnected in the middle of a command (ignored)", self.peer)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.drain()
         self.closing = True
         self.daemon._connections.discard(self)
         self.daemon.connection_closed(self)
         log.debug("%s: disconnected", self.peer)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self.write_paused = False
+        if not self.backlog:
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
