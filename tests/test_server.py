@@ -382,3 +382,27 @@ def test_tls(tmp_path):
         assert json.loads(r.stdout) == {"a": 3}
     finally:
         d.kill()
+
+
+def test_bulk_reports_then_disconnect_are_all_applied_in_order(daemon):
+    """A flood (queued and applied in slices) followed at once by a close:
+    nothing is lost, order is kept, and DUMP on another connection is served
+    meanwhile."""
+    from tidstorage import protocol as p
+
+    n = 20000
+    data = b"".join(
+        p.encode_begin(f"b{i}", ["x", "y"]) + p.encode_commit(f"b{i}", {"x": i + 1, "y": 2 * i + 2})
+        for i in range(n)
+    )
+    s = socket.create_connection(daemon.address)
+    with daemon.client() as c:
+        s.sendall(data)
+        s.close()
+        seen = c.dump()  # served while the flood is being applied
+        deadline = time.monotonic() + 20
+        while c.dump() != {"x": n, "y": 2 * n}:
+            assert time.monotonic() < deadline, c.dump()
+            time.sleep(0.02)
+    assert seen.get("x", 0) <= n
+    assert "refused" not in daemon.log() and "Decreasing" not in daemon.log()
