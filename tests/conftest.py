@@ -59,3 +59,58 @@ def two_zeo_servers(zeo_factory):
     a = zeo_factory(["1", "2"], name="a", start=True)
     b = zeo_factory(["1"], name="b", start=True)
     return a, b
+
+
+@pytest.fixture
+def cluster(tmp_path, two_zeo_servers):
+    """Three storages (a1, a2 on server a; b1 on server b) and a daemon
+    configured with their zeo addresses (in_doubt_grace 1 s), bootstrapped."""
+    import json
+    import sys
+
+    from daemon import DaemonProcess
+
+    from tidstorage import workload
+
+    a, b = two_zeo_servers
+    zeo = {
+        "a1": (a.address, "1", a.data_fs("1")),
+        "a2": (a.address, "2", a.data_fs("2")),
+        "b1": (b.address, "1", b.data_fs("1")),
+    }
+    storages = {
+        name: {"zeo": f"127.0.0.1:{addr[1]}", "zeo_storage": st, "data_fs": str(path)}
+        for name, (addr, st, path) in zeo.items()
+    }
+    d = DaemonProcess(tmp_path / "daemon", storages=storages,
+                      server={"in_doubt_grace": 1.0}).start()
+    d.wait_bootstrapped()
+
+    class Cluster:
+        servers = {"a": a, "b": b}
+        daemon = d
+
+        @staticmethod
+        def zeo_spec():
+            return {k: (v[0], v[1]) for k, v in zeo.items()}
+
+        @staticmethod
+        def data_fs(name):
+            return zeo[name][2]
+
+        @staticmethod
+        def open(timeout=1.0, wrap=True):
+            return workload.open_databases(
+                {k: (v[0], v[1]) for k, v in zeo.items()}, d.address, timeout=timeout, wrap=wrap)
+
+        @staticmethod
+        def writer_cmd(writer, **kw):
+            spec = {k: [v[0][0], v[0][1], v[1]] for k, v in zeo.items()}
+            cmd = [sys.executable, "-m", "tidstorage.workload", "--zeo", json.dumps(spec),
+                   "--server", f"127.0.0.1:{d.port}", "--writer", str(writer)]
+            for key, value in kw.items():
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+            return cmd
+
+    yield Cluster
+    d.kill()

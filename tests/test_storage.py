@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ import pytest
 import transaction
 import ZODB
 import ZODB.config
-from daemon import DaemonProcess
 from ZEO.ClientStorage import ClientStorage
 from ZODB.FileStorage import FileIterator
 from ZODB.utils import u64
@@ -25,53 +23,6 @@ from tidstorage.storage import TIDStorage, legacy_storage_id
 from tidstorage.workload import check_invariant
 
 STORAGES = ["a1", "a2", "b1"]
-
-
-@pytest.fixture
-def cluster(tmp_path, two_zeo_servers):
-    """Three storages on two runzeo servers, and a daemon knowing them."""
-    a, b = two_zeo_servers
-    zeo = {
-        "a1": (a.address, "1", a.data_fs("1")),
-        "a2": (a.address, "2", a.data_fs("2")),
-        "b1": (b.address, "1", b.data_fs("1")),
-    }
-    storages = {
-        name: {"zeo": f"127.0.0.1:{addr[1]}", "zeo_storage": st, "data_fs": str(path)}
-        for name, (addr, st, path) in zeo.items()
-    }
-    d = DaemonProcess(tmp_path / "daemon", storages=storages,
-                      server={"in_doubt_grace": 1.0}).start()
-    d.wait_bootstrapped()
-
-    class Cluster:
-        servers = {"a": a, "b": b}
-        daemon = d
-
-        @staticmethod
-        def zeo_spec():
-            return {k: (v[0], v[1]) for k, v in zeo.items()}
-
-        @staticmethod
-        def data_fs(name):
-            return zeo[name][2]
-
-        @staticmethod
-        def open(timeout=1.0, wrap=True):
-            return workload.open_databases(
-                {k: (v[0], v[1]) for k, v in zeo.items()}, d.address, timeout=timeout, wrap=wrap)
-
-        @staticmethod
-        def writer_cmd(writer, **kw):
-            spec = {k: [v[0][0], v[0][1], v[1]] for k, v in zeo.items()}
-            cmd = [sys.executable, "-m", "tidstorage.workload", "--zeo", json.dumps(spec),
-                   "--server", f"127.0.0.1:{d.port}", "--writer", str(writer)]
-            for key, value in kw.items():
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-            return cmd
-
-    yield Cluster
-    d.kill()
 
 
 def close_all(dbs):

@@ -282,10 +282,20 @@ def test_bootstrap_transaction_holds_its_group():
 def test_reloaded_state_never_moves_backward():
     t = Tracker({"s1": 100})
     t.set_bootstrapped()
-    t.begin("t1", ["s1"])
-    pub = t.commit("t1", {"s1": 50})
+    t.begin("t1", ["s1", "s2"])
+    pub = t.commit("t1", {"s1": 50, "s2": 7})
     assert pub.decreases == (("s1", 50, 100),)
-    assert t.published() == {"s1": 100}
+    assert t.published() == {"s1": 100, "s2": 7}
+
+
+def test_late_single_storage_report_is_ignored_quietly(t):
+    t.begin("t1", ["s1"])
+    t.commit("t1", {"s1": 10})
+    t.begin("late", ["s1"])
+    pub = t.commit("late", {"s1": 9})  # finished before t1, reported after
+    assert pub.published == {} and pub.decreases == ()
+    assert t.published() == {"s1": 10}
+    assert t.in_flight() == {} and t.groups() == []
 
 
 # -- the property: a cut at the published TIDs never splits a transaction ---

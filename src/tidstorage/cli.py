@@ -224,5 +224,12 @@ def log_full(file: Path, output: Path | None) -> None:
     click.echo(f"wrote {count} full records to {output or file}")
 
 
+# -- operator tools (backup, restore, repair, verify, cleanup) ---------------
+
+from .cli_tools import register_tools  # noqa: E402
+
+register_tools(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -21,35 +21,26 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from ZODB.TimeStamp import TimeStamp
-from ZODB.utils import u64
-
 from .stamps import Split, find_splits, stamp_of
-from .tids import tid_seconds
+from .tids import shift_tid, tid_at
 from .zeo import ZeoSpec, commit_noop, scan_extensions
 
 #: How far before the last published TID a scan starts (seconds of TID
 #: time). The parts of one transaction get TIDs within moments of each other
 #: on its storages; the margin makes sure a transaction just below one
 #: storage's published point is seen on every storage.
-SCAN_MARGIN = 300.0
+SCAN_MARGIN = 30.0
 #: With nothing published yet, how far back a scan looks (seconds).
 SCAN_LOOKBACK = 3600.0
 #: How long a ZEO connection may take.
 CONNECT_TIMEOUT = 10.0
 
 
-def tid_at(seconds: float) -> int:
-    """The smallest TID of the given Unix time."""
-    t = time.gmtime(seconds)
-    return u64(TimeStamp(*t[:5], t[5] + seconds % 1).raw())
-
-
 def scan_start(published: int | None, now: float | None = None) -> int:
     """Where a stamp scan of a storage starts (exclusive)."""
     if published is None:
         return tid_at((time.time() if now is None else now) - SCAN_LOOKBACK)
-    return max(0, tid_at(tid_seconds(published) - SCAN_MARGIN))
+    return shift_tid(published, -SCAN_MARGIN)
 
 
 @dataclass

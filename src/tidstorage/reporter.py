@@ -28,7 +28,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from typing import Iterable, Mapping
 
 from . import protocol as p
@@ -46,12 +45,15 @@ RECV_BYTES = 64 * 1024
 class Ticket:
     """A pending BEGIN confirmation."""
 
-    __slots__ = ("event", "ok", "storages")
+    __slots__ = ("event", "ok", "storages", "txn", "bounds", "generation")
 
-    def __init__(self, storages: tuple[str, ...]) -> None:
+    def __init__(self, txn: str, storages: tuple[str, ...], bounds) -> None:
         self.event = threading.Event()
         self.ok = False
+        self.txn = txn
         self.storages = storages
+        self.bounds = bounds
+        self.generation = -1  # the connection it was sent on
 
     def settle(self, ok: bool) -> None:
         self.ok = ok
@@ -79,6 +81,7 @@ class Reporter:
         self._was_up = False
         self._down_logged = False
         self._closed = False
+        self._generation = 0  # counts connections
         self._wake = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"tidstorage-reporter-{address[0]}:{address[1]}", daemon=True
@@ -98,33 +101,52 @@ class Reporter:
     def begin(
         self, txn: str, storages: Iterable[str], bounds: Mapping[str, int] | None = None
     ) -> Ticket:
-        ticket = Ticket(tuple(storages))
-        if self._sock is None and not self._first_attempt.is_set():
-            # Only at process start: give the first connection a chance.
-            self._first_attempt.wait(self.timeout)
-        data = p.encode_begin(txn, ticket.storages, bounds) + p.SYNC_REQUEST
-        with self._lock:
-            if self._sock is not None:
-                self._waiters.append(ticket)
-                if self._send_locked(data):
-                    return ticket
-            self._lost.update(ticket.storages)
-        ticket.settle(False)
+        ticket = Ticket(txn, tuple(storages), bounds)
+        self._send_begin(ticket)
         return ticket
 
-    def confirm(self, ticket: Ticket) -> bool:
-        """Wait (at most ``timeout``) until the daemon has registered the BEGIN."""
-        if not ticket.event.wait(self.timeout):
-            with self._lock:
-                self._lost.update(ticket.storages)
-                self._drop_locked(f"no confirmation within {self.timeout:g} s")
-            return False
-        if not ticket.ok:
-            with self._lock:
-                self._lost.update(ticket.storages)
-        return ticket.ok
+    def _send_begin(self, ticket: Ticket) -> None:
+        self._wait_first_attempt()
+        data = p.encode_begin(ticket.txn, ticket.storages, ticket.bounds) + p.SYNC_REQUEST
+        with self._lock:
+            if self._sock is not None:
+                ticket.generation = self._generation
+                self._waiters.append(ticket)
+                if self._send_locked(data):
+                    return
+            self._lost.update(ticket.storages)
+        ticket.settle(False)
 
-    def commit(self, txn: str, tids: Mapping[str, int]) -> None:
+    def confirm(self, ticket: Ticket) -> bool:
+        """Wait (at most ``timeout``) until the daemon has registered the BEGIN.
+
+        A BEGIN confirmed on an earlier connection (the daemon restarted
+        since) is sent again: the daemon that will see the COMMIT must have
+        registered the transaction before its first ``tpc_finish``.
+        """
+        for attempt in (1, 2):
+            if not ticket.event.wait(self.timeout):
+                with self._lock:
+                    self._lost.update(ticket.storages)
+                    self._drop_locked(f"no confirmation within {self.timeout:g} s")
+                return False
+            if not ticket.ok:
+                with self._lock:
+                    self._lost.update(ticket.storages)
+                return False
+            if ticket.generation == self._generation:
+                return True
+            if attempt == 1:  # confirmed by a daemon that has gone since
+                ticket.event = threading.Event()
+                ticket.ok = False
+                self._send_begin(ticket)
+        return False
+
+    def commit(self, txn: str, tids: Mapping[str, int], ticket: Ticket | None = None) -> None:
+        """Report the TIDs; skipped if the daemon restarted since the BEGIN
+        (the new daemon does not know the transaction; its bootstrap covers it)."""
+        if ticket is not None and ticket.generation != self._generation:
+            return
         self._send(p.encode_commit(txn, tids))
 
     def abort(self, txn: str) -> None:
@@ -151,7 +173,13 @@ class Reporter:
 
     # -- plumbing ---------------------------------------------------------
 
+    def _wait_first_attempt(self) -> None:
+        if self._sock is None and not self._first_attempt.is_set():
+            # Only at process start: give the first connection a chance.
+            self._first_attempt.wait(self.timeout)
+
     def _send(self, data: bytes) -> None:
+        self._wait_first_attempt()
         with self._lock:
             if self._sock is not None:
                 self._send_locked(data)
@@ -233,6 +261,7 @@ class Reporter:
                 continue
             delay = RECONNECT_FIRST
             with self._lock:
+                self._generation += 1
                 self._sock = sock
             self._first_attempt.set()
             if self._down_logged or self._was_up:

@@ -60,8 +60,7 @@ __all__ = [
 #: The extension key of a stamp.
 STAMP_KEY = "tidstorage"
 
-#: The largest TID: a cut at MAX_TID keeps everything.
-MAX_TID = (1 << 64) - 1
+from .tids import MAX_TID  # noqa: E402  (a cut at MAX_TID keeps everything)
 
 
 @dataclass(frozen=True, slots=True)

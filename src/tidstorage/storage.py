@@ -38,8 +38,6 @@ logged, once per state change, and swallowed.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import uuid
 from typing import Any
@@ -85,6 +83,7 @@ class _Commit:
     __slots__ = (
         "lock", "extension", "members", "begun", "sealed", "multi", "id",
         "ticket", "confirmed", "tids", "finished", "aborted", "reporter", "done",
+        "uncertain",
     )
 
     def __init__(self, extension: dict, reporter: Reporter) -> None:
@@ -101,6 +100,8 @@ class _Commit:
         self.tids: dict[str, int] = {}
         self.finished: set[str] = set()
         self.aborted: set[str] = set()
+        #: storages whose tpc_finish raised: they may hold the transaction
+        self.uncertain: set[str] = set()
         self.done = False
 
     def names(self) -> list[str]:
@@ -266,7 +267,15 @@ class TIDStorage:
             with commit.lock:
                 if commit.confirmed is None:
                     commit.confirmed = self._confirm(commit)
-        tid = self.base.tpc_finish(transaction, func)
+        try:
+            tid = self.base.tpc_finish(transaction, func)
+        except BaseException:
+            # The server may have committed and the reply been lost: only the
+            # stamps can tell (the abort path reports it INDOUBT).
+            if commit is not None:
+                with commit.lock:
+                    commit.uncertain.add(self.storage_id)
+            raise
         if commit is not None:
             self._finished(commit, tid)
         return tid
@@ -315,7 +324,7 @@ class TIDStorage:
                     # are reported LOST on reconnection) or will resolve it
                     # from the stamps: a COMMIT now would only be refused.
                     return
-                self.reporter.commit(commit.id, commit.tids)
+                self.reporter.commit(commit.id, commit.tids, commit.ticket)
             else:
                 (storage, tid_int), = commit.tids.items()
                 self.reporter.single(commit.id, storage, tid_int)
@@ -333,11 +342,12 @@ class TIDStorage:
             _registry.forget(commit)
             if not commit.multi or commit.ticket is None or commit.confirmed is False:
                 return
-            if commit.finished:
+            if commit.finished or commit.uncertain:
                 log.critical(
-                    "tidstorage: transaction %s finished on %s but not on %s: reported as"
-                    " in doubt; the daemon will not publish past it",
-                    commit.id, sorted(commit.finished), sorted(commit.aborted),
+                    "tidstorage: transaction %s finished on %s, failed in tpc_finish on %s,"
+                    " aborted on %s: reported as in doubt; the daemon checks the stamps",
+                    commit.id, sorted(commit.finished), sorted(commit.uncertain),
+                    sorted(commit.aborted - commit.uncertain),
                 )
                 self.reporter.in_doubt(commit.id)
             else:

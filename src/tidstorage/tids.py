@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import datetime
+import math
 import time
 
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64
 
-__all__ = ["p64", "u64", "tid_seconds", "tid_time", "tid_age"]
+__all__ = ["p64", "u64", "MAX_TID", "tid_seconds", "tid_at", "shift_tid", "tid_time", "tid_age"]
+
+#: The largest TID.
+MAX_TID = (1 << 64) - 1
 
 
 def tid_seconds(tid: int) -> float:
     """The Unix time a TID encodes."""
     return TimeStamp(p64(tid)).timeTime()
+
+
+_TID0_SECONDS = TimeStamp(p64(0)).timeTime()
+
+
+def tid_at(seconds: float) -> int:
+    """The smallest TID at or after the Unix time ``seconds`` (clamped)."""
+    if seconds <= _TID0_SECONDS:
+        return 0
+    try:
+        t = time.gmtime(seconds)
+        ts = TimeStamp(t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min,
+                       t.tm_sec + math.fmod(seconds, 1.0))
+    except (OverflowError, ValueError, OSError):
+        return MAX_TID
+    return u64(ts.raw())
+
+
+def shift_tid(tid: int, seconds: float) -> int:
+    """The TID ``seconds`` of TID time after (or, if negative, before) ``tid``."""
+    return tid_at(tid_seconds(tid) + seconds)
 
 
 def tid_time(tid: int) -> str:

@@ -73,7 +73,10 @@ message is meant for the log:
 Published TIDs never decrease. A group that would publish a TID lower than
 the one already published for a storage keeps the old value for that storage
 and reports it in :attr:`Publication.decreases` (the daemon logs it at
-CRITICAL: a backup taken now may hold part of a transaction).
+CRITICAL: a backup taken now may hold part of a transaction). Exception: a
+single-storage commit at or below its storage's published TID is simply
+ignored. Those are reported after the fact, so they may arrive late; they are
+already inside the published point and cannot be split.
 
 Bootstrap
 ---------
@@ -227,6 +230,12 @@ class Tracker:
         del self._in_flight[txn]
         self._bounds.pop(txn, None)
         group = self._group_of[next(iter(members))]
+        if len(tids) == 1:
+            ((storage, tid),) = tids.items()
+            if tid <= self._published.get(storage, -1):
+                # A late single-storage report: already below the published
+                # point, and a one-storage transaction cannot be split.
+                return self._end(group, txn)
         group.held.append(tids if type(tids) is dict else dict(tids))  # noqa: E721
         return self._end(group, txn)
 

@@ -54,7 +54,13 @@ def open_databases(
     for name, (address, zeo_storage) in zeo.items():
         base = ClientStorage(address, storage=zeo_storage, wait_timeout=30)
         storage = TIDStorage(base, name, server=server, timeout=timeout) if wrap else base
-        ZODB.DB(storage, databases=databases, database_name=name)
+        for attempt in range(50):
+            try:
+                ZODB.DB(storage, databases=databases, database_name=name)
+                break
+            except ConflictError:  # another process created the root first
+                databases.pop(name, None)
+                time.sleep(0.05 * random.random())
     return databases
 
 
@@ -87,9 +93,8 @@ def write_one(databases: Mapping[str, ZODB.DB], tm, writer: int, storages: Itera
         for x in names:
             conn = first if x == names[0] else first.get_connection(x)
             pairs = conn.root()[key]
-            for y in names:
-                if y != x:
-                    pairs[y] = pairs.get(y, 0) + 1
+            for y in names:  # pairs[x] itself counts every transaction on x
+                pairs[y] = pairs.get(y, 0) + 1
         tm.get().note(f"writer {writer}: {'+'.join(names)}")
         tm.commit()
     finally:

@@ -1,0 +1,345 @@
+"""The operator commands: ``backup``, ``restore``, ``repair``, ``verify``,
+``cleanup`` (registered on the ``tidstorage`` group by :func:`register_tools`).
+
+Exit codes: 0 success, 1 operational failure (the message names the storage
+and/or file), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import Config, ConfigError, load_config
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_CONFIG = click.option("-c", "--config", "config_path", required=True,
+                       type=click.Path(dir_okay=False), help="TOML config file.")
+_WINDOW = click.option("--window", type=click.FloatRange(min=1.0), default=3600.0,
+                       show_default=True,
+                       help="Seconds of TID time read before each storage's cut.")
+
+
+def _fail(message: str, code: int = EXIT_FAILURE):
+    for line in str(message).splitlines() or [""]:
+        click.echo(f"tidstorage: {line}", err=True)
+    sys.exit(code)
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", EXIT_USAGE)
+
+
+class _Errors:
+    """Turn the tools' exceptions into messages and exit codes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            return False
+        from .backup import ToolError
+        from .fsscan import ScanError
+        from .tidlog import TidLogError
+
+        if isinstance(exc, ConfigError):
+            _fail(f"configuration error: {exc}", EXIT_USAGE)
+        if isinstance(exc, (ToolError, ScanError, TidLogError)):
+            _fail(str(exc))
+        if isinstance(exc, OSError):
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}")
+        return False
+
+
+# -- backup ----------------------------------------------------------------
+
+
+class _BackupProgress:
+    """Per-storage progress bars (rich) on a terminal."""
+
+    def __init__(self, ids):
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            TextColumn("{task.fields[phase]}"), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=False)
+        self.tasks = {s: self.progress.add_task(s, total=None, phase="waiting") for s in ids}
+
+    def __call__(self, sid, phase, done, total):
+        task = self.tasks[sid]
+        if phase == "repozo":
+            self.progress.update(task, completed=done, total=total or None, phase="repozo")
+        elif phase == "blobs":
+            self.progress.update(task, phase=f"blobs: {done} bytes copied")
+        elif phase == "done":
+            t = max(self.progress.tasks[task].total or 0, done, 1)
+            self.progress.update(task, completed=t, total=t, phase=f"done, {done} bytes written")
+        else:
+            self.progress.update(task, phase="FAILED")
+
+
+@click.command()
+@_CONFIG
+@click.option("--full", is_flag=True, help="Full repozo backups (-F).")
+@click.option("--gzip", is_flag=True, help="Compress repozo files (-z).")
+@click.option("--quick", is_flag=True, help="repozo's quick incremental check (-Q).")
+@click.option("--jobs", type=click.IntRange(min=1), help="Storages backed up at once "
+              "(default: the number of cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def backup(config_path, full, gzip, quick, jobs, as_json):
+    """Back up every storage: TID log copy, repozo, blob snapshots.
+
+    The backup's timestamp is appended to backup.timestamp_file only if every
+    storage succeeded.
+    """
+    from .backup import run_backup
+
+    config = _load(config_path)
+    progress = None
+    with _Errors():
+        if sys.stderr.isatty():
+            progress = _BackupProgress(sorted(config.storages))
+            progress.progress.start()
+        try:
+            result = run_backup(config, full=full, gzip=gzip, quick=quick, jobs=jobs,
+                                progress=progress)
+        finally:
+            if progress is not None:
+                progress.progress.stop()
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(f"TID log copied to {result.tidlog_copy}")
+        for sid, r in sorted(result.storages.items()):
+            if not r.ok:
+                continue
+            text = (f"{sid}: {r.mode}, {len([f for f in r.files if not f.endswith('.index')])} "
+                    f"new file(s), {r.bytes} bytes, {r.seconds:.1f} s")
+            if r.blob_snapshot:
+                text += (f"; blobs: {r.blob_files} file(s), {r.blob_linked} linked, "
+                         f"{r.blob_copied} copied ({r.blob_bytes_copied} bytes)")
+            click.echo(text)
+    failed = [r for r in result.storages.values() if not r.ok]
+    for r in sorted(failed, key=lambda r: r.id):
+        click.echo(f"tidstorage: {r.error}", err=True)
+    if failed:
+        _fail(f"backup FAILED for storage(s) {', '.join(sorted(r.id for r in failed))}: "
+              "no timestamp appended")
+    if not as_json:
+        click.echo(f"backup {result.timestamp} recorded in {config.backup.timestamp_file}")
+
+
+# -- restore ---------------------------------------------------------------
+
+
+@click.command()
+@_CONFIG
+@click.option("--date", help="Restore the last backup at or before this UTC date "
+              "(yyyy-mm-dd[-hh[-mm[-ss]]]); default: the last backup.")
+@click.option("-t", "--tidlog", type=click.Path(dir_okay=False, path_type=Path),
+              help="Cut at the TIDs of this TID log (default: the copy saved by the backup).")
+@click.option("--no-cut", is_flag=True, help="Do not cut (plain repozo restore + blobs).")
+@click.option("--check", is_flag=True, help="Restore into a temporary directory, compare "
+              "with the live files, delete: touch nothing live.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Restore as DIR/<storage id>.fs and DIR/<storage id>.blobs/.")
+@click.option("--force", is_flag=True, help="Replace existing files.")
+@click.option("--jobs", type=click.IntRange(min=1), help="Storages recovered at once.")
+@_WINDOW
+def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window):
+    """Restore every storage from its backups, cut coherently."""
+    from .backup import parse_date
+    from .restore import CACHE_NOTE, run_restore
+
+    if date is not None:
+        try:
+            parse_date(date)
+        except ValueError as exc:
+            _fail(str(exc), EXIT_USAGE)
+    if check and output_dir is not None:
+        _fail("--check and --output-dir cannot be used together", EXIT_USAGE)
+    config = _load(config_path)
+    with _Errors():
+        result = run_restore(
+            config, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
+            output_dir=output_dir.resolve() if output_dir else None, force=force,
+            check=check, window=window, jobs=jobs, echo=click.echo)
+    if check:
+        if not result.ok:
+            _fail("check FAILED: a restored file is longer than, or differs from, the live one")
+        click.echo("check: every restored file is a prefix of the live one; nothing was changed")
+        return
+    if result.lowered():
+        click.echo(f"note: the cut was lowered for {', '.join(result.lowered())} (see above)")
+    if output_dir is None:
+        click.echo(CACHE_NOTE)
+    else:
+        click.echo("note: if these files replace live storages: " + CACHE_NOTE)
+
+
+# -- repair ----------------------------------------------------------------
+
+
+@click.command()
+@_CONFIG
+@click.option("-t", "--tidlog", type=click.Path(dir_okay=False, path_type=Path),
+              help="TID log (default: server.status_file, the daemon's).")
+@_WINDOW
+def repair(config_path, tidlog, window):
+    """Cut every live Data.fs at its published TID (after a crash).
+
+    A checked safety copy (Data.fs.before-repair) is made before any cut and
+    kept; pruned blob files are moved to <blob_dir>.before-repair.
+    """
+    from .restore import CACHE_NOTE, run_repair
+
+    config = _load(config_path)
+    with _Errors():
+        result = run_repair(config, tidlog=tidlog.resolve() if tidlog else None,
+                            window=window, echo=click.echo)
+    if result.changed:
+        click.echo("safety copies kept (delete them once satisfied): "
+                   + ", ".join(str(p) for p in list(result.safety_copies.values())
+                               + list(result.pruned_to.values())))
+        click.echo(CACHE_NOTE)
+    if not result.coherent:
+        _fail("the repaired files still hold split transactions (see above)")
+
+
+# -- verify ----------------------------------------------------------------
+
+
+def _parse_files(specs) -> dict[str, Path]:
+    out = {}
+    for spec in specs:
+        if "=" in spec:
+            sid, _, path = spec.partition("=")
+        else:
+            path = spec
+            sid = Path(spec).stem if Path(spec).suffix == ".fs" else Path(spec).name
+        if not sid or not path:
+            raise click.BadParameter(f"{spec!r}: expected ID=PATH or PATH", param_hint="--files")
+        if sid in out:
+            raise click.BadParameter(f"storage id {sid!r} given twice", param_hint="--files")
+        out[sid] = Path(path).resolve()
+    return out
+
+
+@click.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file (its storages' data_fs).")
+@click.option("--files", "files", multiple=True, metavar="[ID=]PATH",
+              help="Check these files instead (repeatable; ID defaults to the file name "
+                   "without .fs, as restore --output-dir names them).")
+@click.option("-t", "--tidlog", type=click.Path(dir_okay=False, path_type=Path),
+              help="Check the cut at this TID log's TIDs instead of the files' ends.")
+@click.option("--compute", is_flag=True, help="Print the largest coherent cut.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@_WINDOW
+def verify(config_path, files, tidlog, compute, as_json, window):
+    """Report multi-storage transactions split between the files.
+
+    Exit 1 if a transaction is split (without --compute), 0 if coherent.
+    """
+    from . import verify as v
+    from .fsscan import find_cut
+    from .restore import _read_tids
+
+    if files:
+        paths = _parse_files(files)
+    elif config_path:
+        config = _load(config_path)
+        if not config.storages:
+            _fail(f"configuration error: {config.path}: no storage configured", EXIT_USAGE)
+        missing = [st.name for st in config.storages.values() if st.data_fs is None]
+        if missing:
+            _fail(f"configuration error: storages.{missing[0]}.data_fs: required by verify",
+                  EXIT_USAGE)
+        paths = {sid: st.data_fs for sid, st in config.storages.items()}
+    else:
+        _fail("give -c FILE or --files", EXIT_USAGE)
+    msgs = []
+    with _Errors():
+        cut = _read_tids(tidlog.resolve(), paths, msgs.append) if tidlog else None
+        report = v.check(paths, cut, window=window, compute=compute)
+        coherent_cut = {}
+        if compute:
+            for s, path in sorted(paths.items()):
+                tid = report.coherent[s]
+                point = find_cut(path, max(tid, 0))
+                coherent_cut[s] = {"tid": point.last_tid, "offset": point.offset,
+                                   "size": path.stat().st_size, "dropped": point.dropped}
+    for m in msgs:
+        click.echo(m, err=True)
+    if as_json:
+        click.echo(json.dumps({
+            "coherent": report.ok,
+            "splits": [{"id": sp.id, "storages": list(sp.storages), "present": sp.present,
+                        "missing": list(sp.missing), "unknown": list(sp.unknown)}
+                       for sp in report.splits],
+            "cut": report.cut,
+            "coherent_cut": coherent_cut or None,
+            "windows": {s: {"path": w.path, "last_tid": w.last_tid, "read_back_to": w.bound,
+                            "transactions": w.transactions, "stamped": w.stamped,
+                            "whole_file": w.exhausted, "warning": w.warning}
+                        for s, w in sorted(report.windows.items())},
+        }, indent=2, sort_keys=True))
+    else:
+        for s, w in sorted(report.windows.items()):
+            back = "the whole file" if w.exhausted else f"back to {v.format_tid(w.bound)}"
+            click.echo(f"{s}: {w.path}: {w.transactions} transaction(s) read ({w.stamped} "
+                       f"stamped), {back}")
+            if w.warning:
+                click.echo(f"warning: {w.warning}")
+        what = "the cut at the TID log's TIDs" if cut is not None else "the files"
+        if report.ok:
+            click.echo(f"coherent: no multi-storage transaction is split in {what}")
+        else:
+            click.echo(f"{len(report.splits)} split transaction(s) in {what}:")
+            for sp in report.splits:
+                click.echo(f"  {v.describe_split(sp)}")
+        if compute:
+            click.echo("largest coherent cut:")
+            for s, c in sorted(coherent_cut.items()):
+                click.echo(f"  {s}: keep up to {v.format_tid(c['tid'])}: offset {c['offset']} "
+                           f"of {c['size']}, {c['dropped']} transaction(s) dropped")
+    if not report.ok and not compute:
+        sys.exit(EXIT_FAILURE)
+
+
+# -- cleanup ---------------------------------------------------------------
+
+
+@click.command()
+@_CONFIG
+@click.option("--keep", type=click.IntRange(min=1),
+              help="Full backups to keep per storage (default: backup.keep_full_backups).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+def cleanup(config_path, keep, dry_run):
+    """Delete backups older than the newest N full backups."""
+    from .cleanup import run_cleanup
+
+    config = _load(config_path)
+    with _Errors():
+        run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
+
+
+def register_tools(main: click.Group) -> None:
+    """Add the operator commands to the ``tidstorage`` group."""
+    for command in (backup, restore, repair, verify, cleanup):
+        main.add_command(command)

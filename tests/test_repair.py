@@ -1,0 +1,177 @@
+"""tidstorage repair: in-place cut of live files after a (hand-made) crash."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import transaction
+import zc.lockfile
+from ZODB import DB
+from ZODB.blob import Blob
+from ZODB.FileStorage import FileStorage
+from ZODB.utils import u64
+
+from fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
+from tidstorage import blobs, fsscan
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync_in_zodb(monkeypatch):
+    monkeypatch.setattr(sys.modules["ZODB.FileStorage.FileStorage"], "fsync", None)
+
+
+def _crash_site(tmp_path, *, publish_t=False, torn=True):
+    """a and b with blobs; T commits on both (with a blob each), then b loses
+    T: its Data.fs ends in the middle of T's record (``torn``) or just before
+    it.  T's blob file stays in b's blob directory.  The TID log publishes
+    the TIDs before T (what the daemon does: T never ended for it), or T's
+    own TIDs with ``publish_t`` (a wrong or stale log)."""
+    site = Site(tmp_path / "site", ("a", "b"))
+    with site:
+        for _ in range(3):
+            site.commit(blob=True)
+            site.commit(["a"], blob=True)
+        site.publish()
+        t = site.commit(blob=True, stamp_id="T-crash")
+        if publish_t:
+            site.publish()
+    b = site.data_fs("b")
+    cut = fsscan.find_cut(b, t["b"] - 1)
+    size = b.stat().st_size
+    with open(b, "r+b") as f:
+        f.truncate(size - 10 if torn else cut.offset)
+    b.with_name("Data.fs.index").unlink()
+    return site, t
+
+
+def _blob_tids(blob_dir):
+    return sorted(tid for _, _, tid in blobs.blob_files(blob_dir))
+
+
+def test_repair_cuts_at_the_published_tids(tmp_path):
+    site, t = _crash_site(tmp_path)
+    originals = {s: digest(site.data_fs(s)) for s in site.ids}
+    assert t["b"] in _blob_tids(site.blob_dir("b"))
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "backward scan failed" in r.stdout   # b's torn tail
+    assert "cut LOWERED" not in r.stdout
+    for s in site.ids:
+        safety = site.data_fs(s).with_name("Data.fs.before-repair")
+        assert digest(safety) == originals[s]
+        assert f"storage {s}: safety copy {safety}" in r.stdout
+        assert fsscan.last_tid(site.data_fs(s)) < t[s]
+        # T's blob file moved aside, not lost
+        assert t[s] not in _blob_tids(site.blob_dir(s))
+        assert t[s] in _blob_tids(f"{site.blob_dir(s)}.before-repair")
+    assert "verify: coherent" in r.stdout and "Server behind client" in r.stdout
+    counts = {s: read_counters(site.data_fs(s), site.blob_dir(s)) for s in site.ids}
+    assert counts["a"]["multi"] == counts["b"]["multi"] == 3
+    assert len(counts["a"]["blobs"]) == 6 and len(counts["b"]["blobs"]) == 3
+    # Re-running is safe: nothing to do, the safety copies are kept as they are.
+    state = tree_state(site.root)
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to repair" in r.stdout
+    assert "Data.fs.before-repair is left from an earlier repair" in r.stdout
+    assert tree_state(site.root) == state
+
+    # The repaired storages open and commit normally.
+    with site:
+        site.commit(blob=True)
+    assert run_cli("verify", "-c", site.config).returncode == 0
+
+
+def test_a_wrong_log_is_lowered_to_the_largest_coherent_cut(tmp_path):
+    site, t = _crash_site(tmp_path, publish_t=True, torn=False)
+    size_b = site.data_fs("b").stat().st_size
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "'T-crash'" in r.stdout and "missing in b" in r.stdout
+    assert "storage a: cut LOWERED" in r.stdout
+    assert fsscan.last_tid(site.data_fs("a")) < t["a"]
+    assert site.data_fs("b").stat().st_size == size_b   # b ends where it should
+    assert not site.data_fs("b").with_name("Data.fs.before-repair").exists()
+    assert t["b"] not in _blob_tids(site.blob_dir("b"))  # b's orphan blob pruned
+    counts = {s: read_counters(site.data_fs(s), site.blob_dir(s)) for s in site.ids}
+    assert counts["a"]["multi"] == counts["b"]["multi"] == 3
+
+
+def test_a_leftover_safety_copy_is_never_overwritten(tmp_path):
+    site, t = _crash_site(tmp_path)
+    leftover = site.data_fs("a").with_name("Data.fs.before-repair")
+    leftover.write_bytes(b"an earlier safety copy")
+    before = tree_state(site.root)
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 1
+    assert f"storage a: a safety copy from an earlier repair exists: {leftover}" in r.stderr
+    assert "delete or move it away, and run repair again" in r.stderr
+    assert "nothing was changed" in r.stderr
+    assert tree_state(site.root) == before
+
+
+def test_refused_while_a_process_holds_the_lock(tmp_path):
+    site, t = _crash_site(tmp_path)
+    before = tree_state(site.root)
+    lock = zc.lockfile.LockFile(str(site.data_fs("b")) + ".lock")
+    try:
+        r = run_cli("repair", "-c", site.config)
+    finally:
+        lock.close()
+    assert r.returncode == 1
+    assert f"storage b: {site.data_fs('b')} is in use by a running process" in r.stderr
+    assert tree_state(site.root) == before
+
+
+def test_bad_tid_logs(tmp_path):
+    site, t = _crash_site(tmp_path)
+    before = tree_state(site.root)
+    partial = tmp_path / "partial.tid"
+    site.publish({"a": t["a"]}, path=partial)
+    r = run_cli("repair", "-c", site.config, "-t", partial)
+    assert r.returncode == 1 and "storage(s) b missing from TID log" in r.stderr
+    r = run_cli("repair", "-c", site.config, "-t", tmp_path / "none.tid")
+    assert r.returncode == 1 and "none.tid does not exist" in r.stderr
+    assert tree_state(site.root) == before
+    site.config.write_text(site.config.read_text().replace(
+        'status_file = "var/tidstorage.tid"', ""))
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 2 and "server.status_file: required by repair" in r.stderr
+
+
+def test_disk_full_during_the_safety_copy_changes_nothing(tmp_path):
+    site, t = _crash_site(tmp_path)
+    before = tree_state(site.root)
+    limit = site.data_fs("a").stat().st_size - 100
+    r = run_cli("repair", "-c", site.config, preexec_fn=fsize_limit(limit))
+    assert r.returncode == 1
+    assert "cannot make the safety copy" in r.stderr and "File too large" in r.stderr
+    assert "nothing was changed" in r.stderr
+    assert tree_state(site.root) == before
+
+
+def test_prune_lawn_layout(tmp_path):
+    FileStorage(str(tmp_path / "Data.fs")).close()  # a new one would wipe blob_dir
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    (blob_dir / ".layout").write_text("lawn")
+    db = DB(FileStorage(str(tmp_path / "Data.fs"), blob_dir=str(blob_dir)))
+    tids = []
+    try:
+        conn = db.open()
+        for i in range(4):
+            conn.root()[f"b{i}"] = Blob(b"x" * i)
+            transaction.commit()
+            tids.append(u64(db.storage.lastTransaction()))
+        conn.close()
+    finally:
+        db.close()
+    assert _blob_tids(blob_dir) == tids
+    assert all(len(p.relative_to(blob_dir).parts) == 2 for p, _, _ in blobs.blob_files(blob_dir))
+    res = blobs.prune(blob_dir, tids[1], move_to=tmp_path / "aside")
+    assert len(res.files) == 2 and _blob_tids(blob_dir) == tids[:2]
+    assert _blob_tids(tmp_path / "aside") == tids[2:]
+    with pytest.raises(FileExistsError):
+        blobs.prune(blob_dir, tids[0], move_to=tmp_path / "aside")
+    assert blobs.prune(blob_dir, None).files and _blob_tids(blob_dir) == []
