@@ -183,6 +183,30 @@ def _print_tids(tids: dict[str, int], title: str) -> None:
     Console().print(table)
 
 
+# -- demo ------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("tidstorage-demo"), show_default=True,
+              help="Where the demo's servers, files and config live (must be empty or absent).")
+@click.option("--seconds", type=click.FloatRange(5, 3600), default=20, show_default=True,
+              help="How long the writers write.")
+def demo(directory: Path, seconds: float) -> None:
+    """Show it all live: ZEO servers, daemon, writers, backups, a crash,
+    restore, repair, verify. Exit 0 only if every result is coherent."""
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("ZEO", "ZODB", "txn", "tidstorage.reporter"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        ok = run_demo(directory, seconds)
+    except FileExistsError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    sys.exit(0 if ok else 1)
+
+
 # -- log -------------------------------------------------------------------
 
 

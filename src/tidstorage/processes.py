@@ -284,7 +284,8 @@ class DaemonProcess:
     """``tidstorage serve -c DIR/tidstorage.toml`` on a free port."""
 
     def __init__(self, directory: Path, *, storages: dict[str, dict] | None = None,
-                 server: dict | None = None, port: int | None = None) -> None:
+                 server: dict | None = None, backup: dict | None = None,
+                 port: int | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -300,11 +301,15 @@ class DaemonProcess:
             "full_dump_period": 2,
         }
         settings.update(server or {})
+        self.status_file = self.directory / str(settings["status_file"])  # relative to the config
         lines = ["[server]"]
         lines += [f"{k} = {_toml(v)}" for k, v in settings.items() if v is not None]
         for name, values in (storages or {}).items():
-            lines.append(f"[storages.{_toml(name)}]")
+            lines.append(f"\n[storages.{_toml(name)}]")
             lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        if backup:
+            lines.append("\n[backup]")
+            lines += [f"{k} = {_toml(v)}" for k, v in backup.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     @property
