@@ -304,3 +304,43 @@ def test_concurrent_writers_threads_and_processes(cluster):
             assert set(names) == where, f"published point {sample} splits {sid}"
         multi = max(multi, len(present))
     assert multi > 20
+
+
+def test_split_made_while_the_daemon_was_down_is_never_published(cluster):
+    """The stamp check after a (re)start: a writer dies between its
+    tpc_finish calls while the daemon is down; the restarted daemon finds
+    the split in the storages during its bootstrap and never publishes a
+    point at or past it."""
+    with cluster.daemon.client() as c:
+        before = c.dump()
+    cluster.daemon.kill()
+    proc = subprocess.run(
+        cluster.writer_cmd(8, transactions=20, kill_after_first_finish=3, timeout=0.2),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    cluster.daemon.start()
+    cluster.daemon.wait_bootstrapped()
+    log = cluster.daemon.log()
+    assert "SPLIT transaction" in log, log[-3000:]
+    split_line = next(x for x in log.splitlines() if "SPLIT transaction" in x)
+    split_id = split_line.split("SPLIT transaction ", 1)[1].split(" ", 1)[0]
+    with cluster.daemon.client() as c:
+        after = c.dump()
+    # nothing newer than before the crash was published on the split's storages
+    for server in cluster.servers.values():
+        server.stop()
+    found = 0
+    for name in STORAGES:
+        for tid, ext in records(cluster.data_fs(name)):
+            stamp = ext.get("tidstorage") or {}
+            if stamp.get("id") == split_id:
+                found += 1
+                assert after[name] < tid, (name, after, tid)
+    assert 1 <= found < len(stamp_storages(log, split_id))
+    assert all(after[n] >= before.get(n, 0) for n in after)
+
+
+def stamp_storages(log: str, split_id: str) -> list[str]:
+    line = next(x for x in log.splitlines() if f"SPLIT transaction {split_id} over" in x)
+    return line.split(" over ", 1)[1].split(":", 1)[0].split(", ")
