@@ -7,7 +7,10 @@ wrapped storage and every thread (:func:`get_reporter`). Contract:
   ticket; ``confirm(ticket)`` waits for the ``SYNC`` reply, which proves the
   daemon has registered the transaction. The storage wrapper calls it before
   the first ``tpc_finish``.
-* ``commit``/``abort``/``in_doubt``/``single`` are fire-and-forget.
+* ``commit``/``abort``/``single`` are fire-and-forget and batched: they go
+  out with the next ``BEGIN`` or within :data:`FLUSH_DELAY` (one send, one
+  daemon wake-up for many reports; publication is delayed that much at
+  most). ``in_doubt`` is sent at once.
 * Nothing here raises into the application. The daemon down, slow or gone
   mid-commit costs at most ``timeout`` seconds once: a confirmation that
   does not come in time drops the connection, and until a background thread
@@ -28,6 +31,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Iterable, Mapping
 
 from . import protocol as p
@@ -40,6 +44,8 @@ DEFAULT_TIMEOUT = 1.0
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
 RECV_BYTES = 64 * 1024
+#: Longest delay of a batched fire-and-forget report (seconds).
+FLUSH_DELAY = 0.01
 
 
 class Ticket:
@@ -82,11 +88,17 @@ class Reporter:
         self._down_logged = False
         self._closed = False
         self._generation = 0  # counts connections
+        self._pending: list[bytes] = []  # batched reports, sent in order
+        self._flush_wanted = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"tidstorage-reporter-{address[0]}:{address[1]}", daemon=True
         )
         self._thread.start()
+        self._flusher = threading.Thread(
+            target=self._flush_loop, name=f"tidstorage-flush-{address[0]}:{address[1]}", daemon=True
+        )
+        self._flusher.start()
 
     # -- the application's side -------------------------------------------
 
@@ -112,6 +124,10 @@ class Reporter:
             if self._sock is not None:
                 ticket.generation = self._generation
                 self._waiters.append(ticket)
+                if self._pending:  # earlier reports first, in the same send
+                    self._pending.append(data)
+                    data = b"".join(self._pending)
+                    self._pending.clear()
                 if self._send_locked(data):
                     return
             self._lost.update(ticket.storages)
@@ -147,10 +163,10 @@ class Reporter:
         (the new daemon does not know the transaction; its bootstrap covers it)."""
         if ticket is not None and ticket.generation != self._generation:
             return
-        self._send(p.encode_commit(txn, tids))
+        self._queue(p.encode_commit(txn, tids))
 
     def abort(self, txn: str) -> None:
-        self._send(p.encode_abort(txn))
+        self._queue(p.encode_abort(txn))
 
     def in_doubt(self, txn: str) -> None:
         """Tell the daemon this process does not know the outcome of ``txn``."""
@@ -158,18 +174,19 @@ class Reporter:
 
     def single(self, txn: str, storage: str, tid: int) -> None:
         """Report a finished single-storage transaction (no wait, no tracking)."""
-        self._send(p.encode_begin(txn, (storage,)) + p.encode_commit(txn, {storage: tid}))
+        self._queue(p.encode_begin(txn, (storage,)) + p.encode_commit(txn, {storage: tid}))
 
     def close(self) -> None:
         self._closed = True
         with self._lock:
             if self._sock is not None:
                 try:
-                    self._sock.sendall(p.QUIT_REQUEST)
+                    self._sock.sendall(b"".join(self._pending) + p.QUIT_REQUEST)
                 except OSError:
                     pass
             self._drop_locked(None)
         self._wake.set()
+        self._flush_wanted.set()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -182,7 +199,35 @@ class Reporter:
         self._wait_first_attempt()
         with self._lock:
             if self._sock is not None:
+                if self._pending:
+                    self._pending.append(data)
+                    data = b"".join(self._pending)
+                    self._pending.clear()
                 self._send_locked(data)
+
+    def _queue(self, data: bytes) -> None:
+        self._wait_first_attempt()
+        with self._lock:
+            if self._sock is None:
+                return  # lost: harmless or resolved by the daemon (see module doc)
+            self._pending.append(data)
+            if len(self._pending) == 1:
+                self._flush_wanted.set()
+
+    def flush(self) -> None:
+        """Send the batched reports now."""
+        with self._lock:
+            if self._sock is not None and self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self._send_locked(data)
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            time.sleep(FLUSH_DELAY)
+            self.flush()
 
     def _send_locked(self, data: bytes) -> bool:
         try:
@@ -194,6 +239,7 @@ class Reporter:
 
     def _drop_locked(self, reason: str | None) -> None:
         sock, self._sock = self._sock, None
+        self._pending.clear()  # lost with the connection (see the module doc)
         if sock is not None:
             try:
                 sock.close()

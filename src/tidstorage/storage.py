@@ -37,7 +37,9 @@ logged, once per state change, and swallowed.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import uuid
 from typing import Any
@@ -54,8 +56,20 @@ log = logging.getLogger("tidstorage.storage")
 ID_PREFIX = "ts:"
 
 
+_ids = itertools.count(1)
+_id_prefix = ID_PREFIX + uuid.uuid4().hex[:16] + "-"  # unique per process
+
+
 def new_coherency_id() -> str:
-    return ID_PREFIX + uuid.uuid4().hex
+    """``ts:<random per process>-<counter>``: unique, and cheap per commit."""
+    global _id_prefix, _id_pid
+    if os.getpid() != _id_pid:  # a forked child must not reuse the parent's ids
+        _id_pid = os.getpid()
+        _id_prefix = ID_PREFIX + uuid.uuid4().hex[:16] + "-"
+    return f"{_id_prefix}{next(_ids)}"
+
+
+_id_pid = os.getpid()
 
 
 def legacy_storage_id(storage: Any) -> str | None:
@@ -83,7 +97,7 @@ class _Commit:
     __slots__ = (
         "lock", "extension", "members", "begun", "sealed", "multi", "id",
         "ticket", "confirmed", "tids", "finished", "aborted", "reporter", "done",
-        "uncertain",
+        "uncertain", "storage_ids",
     )
 
     def __init__(self, extension: dict, reporter: Reporter) -> None:
@@ -102,15 +116,13 @@ class _Commit:
         self.aborted: set[str] = set()
         #: storages whose tpc_finish raised: they may hold the transaction
         self.uncertain: set[str] = set()
+        self.storage_ids: list[str] = []  # sorted, set when sealed
         self.done = False
-
-    def names(self) -> list[str]:
-        return sorted({m.storage_id for m in self.members})
 
     def seal(self) -> None:
         """Called with ``lock`` held, once every member has called tpc_begin."""
         self.sealed = True
-        names = self.names()
+        self.storage_ids = names = sorted({m.storage_id for m in self.members})
         self.multi = len(names) > 1
         if not self.multi:
             return
@@ -312,7 +324,7 @@ class TIDStorage:
                 if tid is not None:
                     commit.tids[self.storage_id] = u64(tid)
                 commit.finished.add(self.storage_id)
-                if len(commit.finished) < len(commit.names()) or commit.done:
+                if len(commit.finished) < len(commit.storage_ids) or commit.done:
                     return
                 commit.done = True
             _registry.forget(commit)
@@ -336,7 +348,7 @@ class TIDStorage:
             with commit.lock:
                 if self.storage_id not in commit.finished:
                     commit.aborted.add(self.storage_id)
-                if len(commit.aborted | commit.finished) < len(commit.names()) or commit.done:
+                if len(commit.aborted | commit.finished) < len(commit.storage_ids) or commit.done:
                     return
                 commit.done = True
             _registry.forget(commit)
