@@ -96,7 +96,8 @@ class Cluster:
         }
 
     def start_writer(self, writer: int, *, seconds: float, kill_after: int | None = None,
-                     pause: float = 0.0, timeout: float = 1.0) -> subprocess.Popen:
+                     pause: float = 0.0, timeout: float = 1.0,
+                     seed: int | None = None) -> subprocess.Popen:
         cmd = [
             sys.executable, "-m", "tidstorage.workload",
             "--zeo", json.dumps(self.zeo_spec()),
@@ -106,6 +107,8 @@ class Cluster:
         ]
         if kill_after:
             cmd += ["--kill-after-first-finish", str(kill_after)]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
         log = open(self.directory / f"writer-{writer}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
                                 stdin=subprocess.DEVNULL, text=True)

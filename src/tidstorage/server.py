@@ -60,7 +60,7 @@ SMALL_READ = 4096
 BULK_PIECE = 16 * 1024
 #: ...for at most this long per event-loop iteration (then other peers, and
 #: DUMPs, get their turn).
-BULK_SLICE_SECONDS = 0.002
+BULK_SLICE_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
