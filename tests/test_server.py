@@ -24,6 +24,13 @@ def daemon(tmp_path):
     d.kill()
 
 
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
 class LegacyClient:
     """The legacy ExchangeProtocol, field by field, one send per field."""
 
@@ -182,7 +189,8 @@ def test_tid_log_survives_kill_and_reload(tmp_path):
             c.begin(f"t{i}", ["a", "b"])
             c.commit(f"t{i}", {"a": i, "b": 100 + i})
         c.sync()
-    time.sleep(0.6)  # > burst_period: the last values reach the log
+    # > burst_period: the last values reach the log by themselves
+    wait_for(lambda: read_log(d.status_file).final_tids() == {"a": 29, "b": 129})
     d.kill()  # SIGKILL: nothing flushed at exit
     contents = read_log(d.status_file)
     assert contents.final_tids() == {"a": 29, "b": 129}
@@ -211,7 +219,7 @@ def test_sighup_starts_a_new_log_with_a_full_record(tmp_path):
         c.begin("t1", ["a", "b"])
         c.commit("t1", {"a": 1, "b": 2})
         c.sync()
-        time.sleep(0.5)
+        wait_for(lambda: read_log(d.status_file).final_tids() == {"a": 1, "b": 2})
         rotated = d.status_file.with_suffix(".1")
         d.status_file.rename(rotated)
         d.signal(signal.SIGHUP)
@@ -222,15 +230,14 @@ def test_sighup_starts_a_new_log_with_a_full_record(tmp_path):
         c.begin("t2", ["a"])
         c.commit("t2", {"a": 3})
         c.sync()
-        time.sleep(0.5)
+        wait_for(lambda: read_log(d.status_file).final_tids() == {"a": 3, "b": 2})
     records = read_log(d.status_file).records
     assert records[0].kind == "full" and records[0].tids == {"a": 1, "b": 2}
     assert read_log(d.status_file).final_tids() == {"a": 3, "b": 2}
     assert read_log(rotated).final_tids() == {"a": 1, "b": 2}
     d.signal(signal.SIGUSR1)
-    time.sleep(0.3)
+    wait_for(lambda: "bootstrapped=True" in d.log())
     assert d.stop() == 0
-    assert "bootstrapped=True" in d.log()
 
 
 def test_auth_token(tmp_path):
