@@ -455,3 +455,33 @@ TwoPhaseCommitModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
 )
 test_two_phase_commit_model = TwoPhaseCommitModel.TestCase
+
+
+def test_an_excluded_barrier_caps_its_storages_at_the_published_point():
+    """Found by the torture test. After LOST reports, the daemon's re-check
+    no-op is the first point known coherent on its storages: commits the
+    tracker never heard of may lie below it. A busy group must not publish a
+    point between the published TIDs and the barrier."""
+    t = Tracker({"a": 10, "b": 10, "c": 10})
+    t.set_bootstrapped()
+    t.begin("freeze", ["a", "b", "c"])
+    t.begin("V0a", ["a", "c"], {"a": 15, "c": 15})
+    t.commit("V0a", {"a": 20, "c": 20})
+    t.begin("V0b", ["b", "c"], {"b": 15, "c": 20})
+    t.commit("V0b", {"b": 20, "c": 21})
+    t.begin("V", ["a", "b", "c"], {"a": 20, "b": 20, "c": 21})
+    pub = t.commit("freeze", {"a": 30, "b": 30, "c": 30}, barrier=True)
+    # an unreported transaction at a=19, b=21 would be split by a=20, b=20
+    assert pub.published == {}
+    assert t.published() == {"a": 10, "b": 10, "c": 10}
+    t.commit("V", {"a": 31, "b": 31, "c": 31})
+    assert t.published() == {"a": 31, "b": 31, "c": 31}
+
+
+def test_a_barrier_below_the_bounds_is_published_whole():
+    t = Tracker({"a": 10, "b": 10})
+    t.set_bootstrapped()
+    t.begin("freeze", ["a", "b"])
+    t.begin("V", ["a", "b"], {"a": 40, "b": 40})
+    pub = t.commit("freeze", {"a": 30, "b": 30}, barrier=True)
+    assert pub.published == {"a": 30, "b": 30}

@@ -165,7 +165,11 @@ class Reporter:
             return
         self._queue(p.encode_commit(txn, tids))
 
-    def abort(self, txn: str) -> None:
+    def abort(self, txn: str, ticket: Ticket | None = None) -> None:
+        """Report a failed commit; skipped, like :meth:`commit`, if the
+        daemon restarted since the BEGIN."""
+        if ticket is not None and ticket.generation != self._generation:
+            return
         self._queue(p.encode_abort(txn))
 
     def in_doubt(self, txn: str) -> None:

@@ -223,7 +223,7 @@ class Daemon:
         result = await self._with_retries("bootstrap", self._check_call(specs, txn))
         self._freeze_splits(result.splits)
         self._set_bootstrapped()
-        self._apply_publication(self.tracker.commit(txn, result.tids))
+        self._apply_publication(self.tracker.commit(txn, result.tids, barrier=True))
         log.info(
             "bootstrap complete: %s (%d recent transactions checked%s)",
             _short(result.tids),
@@ -326,7 +326,7 @@ class Daemon:
             self._freeze_splits(result.splits)
             for frozen, group in batch:
                 self._apply_publication(
-                    self.tracker.commit(frozen, {s: result.tids[s] for s in group})
+                    self.tracker.commit(frozen, {s: result.tids[s] for s in group}, barrier=True)
                 )
             log.info(
                 "re-checked storages %s: %d recent transactions, %s",

@@ -363,7 +363,7 @@ class TIDStorage:
                 )
                 self.reporter.in_doubt(commit.id)
             else:
-                self.reporter.abort(commit.id)
+                self.reporter.abort(commit.id, commit.ticket)
         except Exception:
             log.exception("tidstorage: cannot report ABORT")
 

@@ -59,7 +59,11 @@ published TID for a transaction without bounds: legacy clients get exactly
 the group rule); a held transaction above a cap on one storage is excluded on
 all its storages (each is capped just below it), until nothing changes; what
 remains is wholly below every cap, so no in-flight or excluded transaction is
-cut in two, and it is published.
+cut in two, and it is published. This relies on every multi-storage commit
+having been reported; where reports were lost (the daemon's bootstrap and
+re-check no-ops, committed as *barriers*), an excluded barrier caps its
+storages at their published TIDs: nothing between the published point and
+the barrier is ever published without the barrier itself.
 
 Refusals
 --------
@@ -219,7 +223,16 @@ class Tracker:
                 self._merge(group, target)
         target.txns.add(txn)
 
-    def commit(self, txn: str, tids: Mapping[str, int]) -> Publication:
+    def commit(self, txn: str, tids: Mapping[str, int], *, barrier: bool = False) -> Publication:
+        """End ``txn`` with its TIDs.
+
+        ``barrier``: the daemon's own no-op commits (bootstrap, re-checks of
+        LOST storages). Below their TIDs the storages may hold transactions
+        the tracker never heard of; only the no-op proves that those have
+        ended and are whole. So a point between the published TIDs and the
+        barrier's may cut them: such a point is never published (see
+        "Bounds"); the barrier is published whole or not at all.
+        """
         members = self._in_flight.get(txn)
         if members is None:
             raise Refused(f"COMMIT {txn!r} received, but it never began (or ended already)")
@@ -236,7 +249,10 @@ class Tracker:
                 # A late single-storage report: already below the published
                 # point, and a one-storage transaction cannot be split.
                 return self._end(group, txn)
-        group.held.append(tids if type(tids) is dict else dict(tids))  # noqa: E721
+        if barrier:
+            group.held.append(_Barrier(tids))
+        else:
+            group.held.append(tids if type(tids) is dict else dict(tids))  # noqa: E721
         return self._end(group, txn)
 
     def abort(self, txn: str) -> Publication:
@@ -302,8 +318,13 @@ class Tracker:
                     continue
                 if any(t > cap.get(s, t) for s, t in tids.items()):
                     excluded[i] = changed = True
+                    barrier = type(tids) is _Barrier
                     for s, t in tids.items():
-                        if t <= cap.get(s, t):
+                        if barrier:  # nothing of it: stay at the published point
+                            limit = published.get(s, -1)
+                            if limit < cap.get(s, limit + 1):
+                                cap[s] = limit
+                        elif t <= cap.get(s, t):
                             cap[s] = t - 1
         included = [tids for i, tids in enumerate(held) if not excluded[i]]
         if not included:
@@ -324,6 +345,12 @@ class Tracker:
         if not changed and not decreases:
             return NOTHING
         return Publication(changed, tuple(decreases))
+
+
+class _Barrier(dict):
+    """Held TIDs of a barrier commit (see :meth:`Tracker.commit`)."""
+
+    __slots__ = ()
 
 
 def _newest(held: list[dict[str, int]]) -> dict[str, int]:
