@@ -37,9 +37,10 @@ The generator mimics that with per-storage locks: a batch takes the "commit
 lock" of each storage it uses when its TIDs are drawn from the storage's
 counter (``max(last + 1, time.time_ns())``), and keeps it until the daemon
 has confirmed the batch (SYNC reply); other connections wait for free
-storages (first come, first served), while the connection holding a storage
-may pipeline its second batch on it (a connection is processed in order).
-So every storage's TIDs reach the daemon in increasing order. Each batch uses
+storages, first come first served. The connection holding a storage may
+pipeline its second batch on it (a connection is processed in order), but
+only when no other connection is waiting, so that N clients really share the
+load. So every storage's TIDs reach the daemon in increasing order. Each batch uses
 one pair of storages, drawn at random among the free ones (28 pairs over 8
 storages): as with ZEO's commit locks, at most 4 connections have batches in
 flight at any moment (up to 2 each); the others wait their turn. Transaction
@@ -234,7 +235,10 @@ class _Generator:
         for _ in range(len(waiting)):
             c = waiting.popleft()
             if self.locks:
-                avail = [s for s in range(nstorages) if owner[s] is None or owner[s] is c]
+                if waiting:  # others are queued: no jumping the queue on held storages
+                    avail = [s for s in range(nstorages) if owner[s] is None]
+                else:
+                    avail = [s for s in range(nstorages) if owner[s] is None or owner[s] is c]
             else:
                 avail = range(nstorages)
             if len(avail) < 2:
