@@ -1,7 +1,8 @@
 """The coherency daemon: an asyncio shell around the tracker.
 
 One event loop serves every connection (``asyncio.Protocol``: large reads,
-no thread per connection). Each connection has a :class:`~.protocol.Decoder`;
+no thread per connection; when received bytes are applied is decided in
+``connection.py``). Each connection has a :class:`~.protocol.Decoder`;
 decoded commands are applied to the one :class:`~.tracker.Tracker` in order,
 and replies are written in one write per read. Publications go to the TID
 log writer, which records them with the burst / full-dump periods.
@@ -31,16 +32,15 @@ import asyncio
 import hmac
 import itertools
 import logging
-import collections
 import ssl
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 from . import protocol as p
 from .config import Config
+from .connection import BulkQueue, Connection
 from .tidlog import TidLogWriter, read_log
 from .tracker import Publication, Refused, Tracker
 
@@ -51,16 +51,6 @@ TICK_SECONDS = 0.2
 #: Bootstrap retry backoff: first and longest wait between attempts (seconds).
 BOOTSTRAP_RETRY_FIRST = 0.5
 BOOTSTRAP_RETRY_MAX = 30.0
-#: Flow control: stop reading from a peer that does not read its replies once
-#: this many reply bytes are buffered for it (asyncio's high-water mark).
-WRITE_HIGH_WATER = 256 * 1024
-#: A read up to this size is an interactive request: applied at once.
-SMALL_READ = 4096
-#: Bulk reads are applied in pieces of about this size (~100 transactions)...
-BULK_PIECE = 16 * 1024
-#: ...for at most this long per event-loop iteration (then other peers, and
-#: DUMPs, get their turn).
-BULK_SLICE_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -112,7 +102,7 @@ class Daemon:
             )
         self._specs = self._zeo_specs()
         self.grace = server.in_doubt_grace
-        self._owner: dict[str, _Connection] = {}  # in-flight txn -> connection that began it
+        self._owner: dict[str, Connection] = {}  # in-flight txn -> connection that began it
         self._resolving: set[str] = set()
         self._splits: dict[str, str] = {}  # frozen for ever: txn -> description
         self._warned_legacy: set[str] = set()
@@ -121,10 +111,9 @@ class Daemon:
         self._bootstrapped_event: asyncio.Event | None = None
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
-        self._bulk: collections.deque[_Connection] = collections.deque()
-        self._bulk_scheduled = False
+        self.bulk = BulkQueue()
         self._server: asyncio.base_events.Server | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self._log_failing = False
@@ -135,7 +124,7 @@ class Daemon:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self),
+            lambda: Connection(self),
             self.listen.address,
             self.listen.port,
             ssl=self.listen.ssl_context,
@@ -281,7 +270,7 @@ class Daemon:
 
     # -- lost reports ----------------------------------------------------
 
-    def on_lost(self, conn: "_Connection", storages: list[str]) -> None:
+    def on_lost(self, conn: "Connection", storages: list[str]) -> None:
         """``LOST``: freeze these storages now, re-check them soon."""
         if not storages:
             return
@@ -337,7 +326,7 @@ class Daemon:
 
     # -- in-doubt transactions ---------------------------------------------
 
-    def connection_closed(self, conn: "_Connection") -> None:
+    def connection_closed(self, conn: "Connection") -> None:
         if not conn.begun:
             return
         loop = asyncio.get_running_loop()
@@ -417,25 +406,6 @@ class Daemon:
 
     # -- commands --------------------------------------------------------
 
-    def queue_bulk(self, conn: "_Connection") -> None:
-        self._bulk.append(conn)
-        if not self._bulk_scheduled:
-            self._bulk_scheduled = True
-            asyncio.get_running_loop().call_soon(self._work_bulk)
-
-    def _work_bulk(self) -> None:
-        """Work off queued bulk reads for one slice, round robin."""
-        deadline = time.perf_counter() + BULK_SLICE_SECONDS
-        bulk = self._bulk
-        while bulk and time.perf_counter() < deadline:
-            conn = bulk.popleft()
-            if not conn.work(deadline):
-                bulk.append(conn)
-        if bulk:
-            asyncio.get_running_loop().call_soon(self._work_bulk)
-        else:
-            self._bulk_scheduled = False
-
     def _tick(self) -> None:
         self._write_log(self.writer.tick)
         self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
@@ -470,7 +440,7 @@ class Daemon:
         if pub.published and self.writer is not None:
             self._write_log(self.writer.published, pub.published, self._state)
 
-    def apply(self, conn: "_Connection", events: list[tuple]) -> bytes:
+    def apply(self, conn: "Connection", events: list[tuple]) -> bytes:
         """Apply decoded commands from one connection; return the replies."""
         tracker = self.tracker
         replies: list[bytes] = []
@@ -519,7 +489,7 @@ class Daemon:
                 log.error("%s: refused: %s", conn.peer, exc)
         return b"".join(replies)
 
-    def check_auth(self, conn: "_Connection", events: list[tuple]) -> list[tuple] | None:
+    def check_auth(self, conn: "Connection", events: list[tuple]) -> list[tuple] | None:
         """Authenticate ``conn`` from its first event; None if it failed."""
         first = events[0]
         token = self.listen.auth_token
@@ -531,132 +501,6 @@ class Daemon:
         log.error("%s: authentication failed (%s); closing the connection", conn.peer, what)
         conn.close()
         return None
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection.
-
-    Scheduling: a small read (an interactive request: ``DUMP``, a ZODB
-    client's ``BEGIN2`` + ``SYNC``...) is applied at once. A large read
-    (pipelined bulk reports) goes to the daemon's bulk queue, reading from
-    that connection pauses until it is drained, and the queue is worked off
-    in slices of at most :data:`BULK_SLICE_SECONDS` per loop iteration, so
-    interactive requests never wait behind a flood (DUMP latency stays low
-    under full load) and a flooding peer is slowed by TCP, not buffered.
-    """
-
-    __slots__ = (
-        "daemon", "transport", "peer", "decoder", "authenticated", "closing", "begun",
-        "backlog", "write_paused",
-    )
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.decoder = p.Decoder()
-        self.authenticated = daemon.listen.auth_token is None
-        self.closing = False
-        self.peer = "?"
-        self.transport = None
-        self.begun: set[str] = set()  # transactions this connection began
-        self.backlog: collections.deque[bytes] = collections.deque()
-        self.write_paused = False
-
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.daemon._connections.add(self)
-        log.debug("%s: connected", self.peer)
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if len(data) <= SMALL_READ and not self.backlog:
-            self.process(data)
-            return
-        # Bulk: queue it in slices that end at a line break.
-        backlog = self.backlog
-        start = 0
-        size = len(data)
-        while size - start > BULK_PIECE:
-            cut = data.rfind(b"\n", start, start + BULK_PIECE) + 1
-            if cut <= start:
-                break  # no line break: one piece (the decoder bounds it)
-            backlog.append(data[start:cut])
-            start = cut
-        backlog.append(data[start:] if start else data)
-        self.transport.pause_reading()
-        self.daemon.queue_bulk(self)
-
-    def process(self, data: bytes) -> None:
-        events = self.decoder.feed(data)
-        if not events:
-            return
-        if not self.authenticated:
-            events = self.daemon.check_auth(self, events)
-            if not events:
-                return
-        out = self.daemon.apply(self, events)
-        if out and not self.closing:
-            self.transport.write(out)
-
-    def work(self, deadline: float) -> bool:
-        """Process queued pieces until ``deadline``; True when drained."""
-        backlog = self.backlog
-        clock = time.perf_counter
-        while backlog:
-            if self.closing:
-                backlog.clear()
-                break
-            self.process(backlog.popleft())
-            if clock() >= deadline:
-                break
-        if backlog:
-            return False
-        if not self.closing and not self.write_paused:
-            self.transport.resume_reading()
-        return True
-
-    def drain(self) -> None:
-        """Apply everything received (the peer is going away)."""
-        while self.backlog and not self.closing:
-            self.process(self.backlog.popleft())
-        self.backlog.clear()
-
-    def eof_received(self) -> bool:
-        self.drain()
-        if self.decoder.pending:
-            log.warning("%s: disconnected in the middle of a command (ignored)", self.peer)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.drain()
-        self.closing = True
-        self.daemon._connections.discard(self)
-        self.daemon.connection_closed(self)
-        log.debug("%s: disconnected", self.peer)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if not self.backlog:
-            self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def close_after(self, replies: list[bytes]) -> None:
-        if replies:
-            self.transport.write(b"".join(replies))
-        self.close()
-
-    def close(self) -> None:
-        self.closing = True
-        self.transport.close()
 
 
 def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
