@@ -553,7 +553,7 @@ def _source_digest() -> dict[str, str]:
     root = Path(tidstorage.__file__).parent
     return {
         name: hashlib.sha256((root / f"{name}.py").read_bytes()).hexdigest()[:12]
-        for name in ("protocol", "server", "tracker", "tidlog")
+        for name in ("protocol", "server", "connection", "tracker", "tidlog")
         if (root / f"{name}.py").exists()
     }
 
@@ -688,7 +688,12 @@ def breakdown(args) -> dict:
       daemon minus asyncio, sockets and its scheduling of bulk reads.
     """
     from tidstorage.config import Config, ServerConfig
-    from tidstorage.server import Daemon, _Connection
+    from tidstorage.server import Daemon
+
+    try:
+        from tidstorage.connection import Connection as _Connection
+    except ImportError:  # before connection.py was split out of server.py
+        from tidstorage.server import _Connection
     from tidstorage.tracker import Tracker
 
     storages = [args.storage_format % i for i in range(args.storages)]
