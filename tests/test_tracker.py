@@ -485,3 +485,30 @@ def test_a_barrier_below_the_bounds_is_published_whole():
     t.begin("V", ["a", "b"], {"a": 40, "b": 40})
     pub = t.commit("freeze", {"a": 30, "b": 30}, barrier=True)
     assert pub.published == {"a": 30, "b": 30}
+
+
+def test_busy_groups_cost_a_constant_amount_per_commit(t):
+    """A stuck transaction (a dead client, until the in-doubt check) keeps
+    its group busy while commits pile up behind it; legacy transactions in
+    flight do too. The work per commit must not grow with the pile."""
+    n = 5000
+    # stuck bounded transaction: everything after it on s0 is held
+    t.begin("stuck", ["s0", "s1"], {"s0": 0, "s1": 0})
+    last = {"s0": 1, "s1": 1, "s2": 1}
+    for i in range(n):
+        names = ["s0", "s1"] if i % 2 else ["s1", "s2"]
+        t.begin(f"t{i}", names, {s: last[s] for s in names})
+        for s in names:
+            last[s] += 1
+        t.commit(f"t{i}", {s: last[s] for s in names})
+    assert t.published() == {}  # nothing can pass the stuck transaction
+    assert t.scanned < 40 * n  # amortised: not n * n / 2
+    # legacy (unbounded) transactions in flight: no scans at all
+    before = t.scanned
+    t.begin("legacy", ["s5", "s6"])
+    for i in range(n):
+        t.begin(f"l{i}", ["s5"], {"s5": i})
+        t.commit(f"l{i}", {"s5": i + 1})
+    assert t.scanned == before
+    t.commit("legacy", {"s5": n + 1, "s6": 1})
+    assert t.published() == {"s5": n + 1, "s6": 1}

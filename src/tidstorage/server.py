@@ -427,7 +427,9 @@ class Daemon:
             self._log_failing = False
             log.warning("writing the TID log %s works again", self.status_file)
 
-    def _apply_publication(self, pub: Publication) -> None:
+    def _apply_publication(self, pub: Publication, changed: dict | None = None) -> None:
+        """Log refused decreases; record what moved (in ``changed`` when the
+        caller batches, else in the TID log writer at once)."""
         if pub.decreases:
             for storage, tid, old in pub.decreases:
                 log.critical(
@@ -438,33 +440,45 @@ class Daemon:
                     old,
                 )
         if pub.published and self.writer is not None:
-            self._write_log(self.writer.published, pub.published, self._state)
+            if changed is not None:
+                changed.update(pub.published)
+            else:
+                self._write_log(self.writer.published, pub.published, self._state)
 
     def apply(self, conn: "Connection", events: list[tuple]) -> bytes:
         """Apply decoded commands from one connection; return the replies."""
+        changed: dict[str, int] = {}  # published TIDs moved by these events
+        try:
+            return self._apply(conn, events, changed)
+        finally:
+            if changed:  # one call to the TID log writer per read, not per commit
+                self._write_log(self.writer.published, changed, self._state)
+
+    def _apply(self, conn: "Connection", events: list[tuple], changed: dict) -> bytes:
         tracker = self.tracker
+        owners = self._owner
         replies: list[bytes] = []
         for event in events:
             kind = event[0]
             try:
                 if kind is p.COMMIT:
                     pub = tracker.commit(event[1], event[2])
-                    owner = self._owner.pop(event[1], None)
+                    owner = owners.pop(event[1], None)
                     if owner is not None:
                         owner.begun.discard(event[1])
                     if pub.published or pub.decreases:
-                        self._apply_publication(pub)
+                        self._apply_publication(pub, changed)
                 elif kind is p.BEGIN:
                     tracker.begin(event[1], event[2], event[3])
-                    self._owner[event[1]] = conn
+                    owners[event[1]] = conn
                     conn.begun.add(event[1])
                 elif kind is p.ABORT:
                     pub = tracker.abort(event[1])
-                    owner = self._owner.pop(event[1], None)
+                    owner = owners.pop(event[1], None)
                     if owner is not None:
                         owner.begun.discard(event[1])
                     if pub.published or pub.decreases:
-                        self._apply_publication(pub)
+                        self._apply_publication(pub, changed)
                 elif kind is p.DUMP:
                     replies.append(p.encode_dict(self._state))
                 elif kind is p.SYNC:
