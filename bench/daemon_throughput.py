@@ -18,7 +18,10 @@ For each number of clients N (default 1, 8, 32):
   window (default 5 s) give transactions/s; DUMP latency p50/p99 is taken
   over the probes sent in the window (nearest-rank percentiles);
 * at the end the daemon gets SIGTERM and the lines of its log containing
-  ``CRITICAL`` and ``refused`` are counted and reported.
+  ``CRITICAL`` and ``refused`` are counted and reported;
+* the CPU used during the window by the server and by the generator is
+  reported, and so is ``other``: the rest of the machine's busy time (from
+  /proc/stat), which shows when other processes disturbed a measurement.
 
 The same generator, with the same bytes, is then run against a *baseline*: a
 minimal ``asyncio.Protocol`` server (this script with ``--baseline-server``)
