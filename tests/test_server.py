@@ -413,3 +413,29 @@ def test_bulk_reports_then_disconnect_are_all_applied_in_order(daemon):
             time.sleep(0.02)
     assert seen.get("x", 0) <= n
     assert "refused" not in daemon.log() and "Decreasing" not in daemon.log()
+
+
+def test_a_flood_of_refusals_is_logged_once_with_a_count(daemon):
+    with daemon.client() as c:
+        for i in range(500):
+            c.commit(f"ghost{i}", {"a": i})
+        c.sync()
+    lines = [x for x in daemon.log().splitlines() if "refused" in x and "ghost" in x]
+    assert 1 <= len(lines) <= 2, lines
+
+
+def test_rate_limited_log_counts_what_it_holds_back(caplog):
+    import logging
+
+    from tidstorage.server import LOG_INTERVAL, RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("t"), clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="t"):
+        for i in range(5):
+            limited.log(logging.ERROR, "k", "bad %d", i)
+        limited.log(logging.ERROR, "other", "else")
+        now[0] += LOG_INTERVAL + 1
+        limited.log(logging.ERROR, "k", "bad %d", 99)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["bad 0", "else", f"bad 99 (4 similar lines held back in the last {LOG_INTERVAL:g} s)"]

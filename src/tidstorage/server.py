@@ -34,6 +34,7 @@ import itertools
 import logging
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -46,6 +47,9 @@ from .tracker import Publication, Refused, Tracker
 
 log = logging.getLogger("tidstorage.server")
 
+#: Repeated refusals / decreases: at most one log line per key this often.
+LOG_INTERVAL = 10.0
+LOG_KEYS_MAX = 10000
 #: How often the TID log writer checks whether a record is due (seconds).
 TICK_SECONDS = 0.2
 #: Bootstrap retry backoff: first and longest wait between attempts (seconds).
@@ -117,6 +121,7 @@ class Daemon:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self._log_failing = False
+        self._limited = RateLimitedLog(log)
         self.port: int | None = None
 
     # -- life cycle ------------------------------------------------------
@@ -432,7 +437,9 @@ class Daemon:
         caller batches, else in the TID log writer at once)."""
         if pub.decreases:
             for storage, tid, old in pub.decreases:
-                log.critical(
+                self._limited.log(
+                    logging.CRITICAL,
+                    f"decrease {storage}",
                     "Decreasing update ignored: storage %r tid %d < published %d"
                     " (a backup taken now may hold part of a transaction)",
                     storage,
@@ -500,7 +507,8 @@ class Daemon:
                     # A repeated AUTH on an authenticated connection is harmless.
                     replies.append(b"1\n")
             except Refused as exc:
-                log.error("%s: refused: %s", conn.peer, exc)
+                self._limited.log(logging.ERROR, f"refused {conn.peer} {exc.reason}", "%s: refused: %s",
+                                  conn.peer, exc)
         return b"".join(replies)
 
     def check_auth(self, conn: "Connection", events: list[tuple]) -> list[tuple] | None:
@@ -515,6 +523,32 @@ class Daemon:
         log.error("%s: authentication failed (%s); closing the connection", conn.peer, what)
         conn.close()
         return None
+
+
+class RateLimitedLog:
+    """At most one line per key per :data:`LOG_INTERVAL`; the lines held back
+    are counted and reported with the next one, so a misbehaving client
+    cannot flood the log (one line per state change, not per commit)."""
+
+    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, level: int, key: str, message: str, *args) -> None:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < LOG_INTERVAL:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        if len(self._last) > LOG_KEYS_MAX:  # bounded memory
+            self._last.clear()
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            message += f" ({held} similar lines held back in the last {LOG_INTERVAL:g} s)"
+        self._log.log(level, message, *args)
 
 
 def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:

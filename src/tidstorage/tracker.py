@@ -106,7 +106,16 @@ __all__ = ["Tracker", "Refused", "Publication"]
 
 
 class Refused(Exception):
-    """A report that breaks the rules; the tracker state did not change."""
+    """A report that breaks the rules; the tracker state did not change.
+
+    ``reason`` names the rule: ``"unknown"`` (COMMIT/ABORT of a transaction
+    not in flight), ``"duplicate"`` (BEGIN of one in flight), ``"mismatch"``
+    (COMMIT storages differ from BEGIN's), ``"empty"``, ``"bounds"``.
+    """
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,11 +212,11 @@ class Tracker:
         """
         members = frozenset(storages)
         if not members:
-            raise Refused(f"BEGIN {txn!r} names no storage")
+            raise Refused(f"BEGIN {txn!r} names no storage", "empty")
         if txn in self._in_flight:
-            raise Refused(f"BEGIN {txn!r}: this transaction is already in flight")
+            raise Refused(f"BEGIN {txn!r}: this transaction is already in flight", "duplicate")
         if bounds is not None and set(bounds) != members:
-            raise Refused(f"BEGIN {txn!r}: bounds name {sorted(bounds)}, not {sorted(members)}")
+            raise Refused(f"BEGIN {txn!r}: bounds name {sorted(bounds)}, not {sorted(members)}", "bounds")
         self._in_flight[txn] = members
         if bounds is not None:
             self._bounds[txn] = dict(bounds)
@@ -247,10 +256,11 @@ class Tracker:
         """
         members = self._in_flight.get(txn)
         if members is None:
-            raise Refused(f"COMMIT {txn!r} received, but it never began (or ended already)")
+            raise Refused(f"COMMIT {txn!r} received, but it never began (or ended already)", "unknown")
         if len(tids) != len(members) or not members.issuperset(tids):
             raise Refused(
-                f"COMMIT {txn!r} names storages {sorted(tids)} but BEGIN named {sorted(members)}"
+                f"COMMIT {txn!r} names storages {sorted(tids)} but BEGIN named {sorted(members)}",
+                "mismatch",
             )
         del self._in_flight[txn]
         bounded = self._bounds.pop(txn, None) is not None
@@ -270,7 +280,7 @@ class Tracker:
     def abort(self, txn: str) -> Publication:
         members = self._in_flight.pop(txn, None)
         if members is None:
-            raise Refused(f"ABORT {txn!r} received, but it never began (or ended already)")
+            raise Refused(f"ABORT {txn!r} received, but it never began (or ended already)", "unknown")
         bounded = self._bounds.pop(txn, None) is not None
         return self._end(self._group_of[next(iter(members))], txn, bounded)
 
