@@ -76,7 +76,6 @@ import math
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -92,7 +91,7 @@ from persistent.mapping import PersistentMapping  # noqa: E402
 
 from servers import ZeoServer, free_port, wait_for_port  # noqa: E402
 from tidstorage import workload  # noqa: E402
-from tidstorage.client import Client, ClientError  # noqa: E402
+from tidstorage.processes import DaemonProcess  # noqa: E402
 from tidstorage.reporter import Reporter, Ticket  # noqa: E402
 from tidstorage.storage import TIDStorage  # noqa: E402
 
@@ -102,83 +101,6 @@ TARGET_SINGLE = 0.03
 
 
 # -- processes ----------------------------------------------------------------
-
-
-class Daemon:
-    """``python -m tidstorage serve -c DIR/tidstorage.toml`` (not verbose)."""
-
-    def __init__(self, directory: Path, zeo: dict[str, tuple[tuple[str, int], Path]], *,
-                 burst_period: float, full_dump_period: float) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.address = ("127.0.0.1", self.port)
-        self.config = directory / "tidstorage.toml"
-        self.log_path = directory / "daemon.log"
-        lines = [
-            "[server]",
-            'address = "127.0.0.1"',
-            f"port = {self.port}",
-            f'status_file = "{directory / "tidstorage.tid"}"',
-            f"burst_period = {burst_period!r}",
-            f"full_dump_period = {full_dump_period!r}",
-            f'log_file = "{self.log_path}"',
-        ]
-        for name, ((host, port), data_fs) in zeo.items():
-            lines += [
-                f"[storages.{name}]",
-                f'data_fs = "{data_fs}"',
-                f'zeo = "{host}:{port}"',
-                'zeo_storage = "1"',
-            ]
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-        self._stderr = None
-
-    def start(self, timeout: float = 60) -> None:
-        self._stderr = open(self.directory / "daemon.stderr", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tidstorage", "serve", "-c", str(self.config)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not wait_for_port(self.address, timeout=0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start:\n{self.log()}")
-        while True:
-            try:
-                with Client(self.address) as client:
-                    if client.bootstrapped():
-                        return
-            except ClientError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"no bootstrap within {timeout} s:\n{self.log()}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 10) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code, self.proc = self.proc.returncode, None
-        self._stderr.close()
-        return code
-
-    def log(self) -> str:
-        text = ""
-        for name in ("daemon.log", "daemon.stderr"):
-            try:
-                text += (self.directory / name).read_text(errors="replace")
-            except FileNotFoundError:
-                pass
-        return text
 
 
 #: ``--decompose``: a minimal daemon stand-in that reads everything and
@@ -611,9 +533,15 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.start()
         zeo = {name: (server.address, "1") for name, server in servers.items()}
-        daemon = Daemon(work / "daemon", {n: (s.address, s.data_fs("1")) for n, s in servers.items()},
-                        burst_period=args.burst_period, full_dump_period=args.full_dump_period)
+        daemon = DaemonProcess(
+            work / "daemon",
+            storages={n: {"data_fs": str(s.data_fs("1")), "zeo": f"{s.address[0]}:{s.address[1]}",
+                          "zeo_storage": "1"} for n, s in servers.items()},
+            server={"burst_period": args.burst_period, "full_dump_period": args.full_dump_period},
+            verbose=False,
+        )
         daemon.start()
+        daemon.wait_bootstrapped(timeout=60)
         say(f"servers {[s.address[1] for s in servers.values()]}, daemon {daemon.port}: bootstrapped")
 
         labels = ["plain", "wrapped"] + (["plain-b"] if args.control else [])

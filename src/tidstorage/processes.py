@@ -285,7 +285,8 @@ class DaemonProcess:
 
     def __init__(self, directory: Path, *, storages: dict[str, dict] | None = None,
                  server: dict | None = None, backup: dict | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, verbose: bool = True) -> None:
+        self.verbose = verbose
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -319,7 +320,8 @@ class DaemonProcess:
     def start(self, timeout: float = 20) -> "DaemonProcess":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tidstorage", "serve", "-c", str(self.config_path), "-v"],
+            [sys.executable, "-m", "tidstorage", "serve", "-c", str(self.config_path)]
+            + (["-v"] if self.verbose else []),
             stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
