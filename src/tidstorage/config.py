@@ -34,6 +34,7 @@ file and the key; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,8 @@ class _Reader:
         if kind == "seconds":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise self.fail(name, f"must be a number of seconds, not {value!r}")
+            if not math.isfinite(value):  # TOML allows nan and inf
+                raise self.fail(name, f"must be a finite number of seconds, not {value!r}")
             if value < 0:
                 raise self.fail(name, f"must not be negative, not {value}")
             return float(value)
