@@ -217,7 +217,7 @@ def test_legacy_lines_refused(line, monkeypatch):
 
 def test_read_missing_file_is_empty(tmp_path):
     contents = read_log(tmp_path / "missing")
-    assert contents == LogContents(records=[], bad_lines=[], torn_tail=None)
+    assert contents == LogContents(records=[], torn_tail=None)
     assert contents.final_tids() == {}
 
 
@@ -232,7 +232,7 @@ def test_read_log_line_numbers_and_final_tids(tmp_path):
     contents = read_log(path)
     assert [r.lineno for r in contents.records] == [1, 2, 3]
     assert [r.legacy for r in contents.records] == [True, False, False]
-    assert contents.bad_lines == [] and contents.torn_tail is None
+    assert contents.torn_tail is None
     assert contents.final_tids() == {"a": 5, "b": 2, "c": 1}
 
 
@@ -250,7 +250,6 @@ def test_every_truncation_of_the_last_record_is_a_torn_tail(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=tidlog.__name__):
             contents = read_log(path)
-        assert contents.bad_lines == []
         if cut == len(last):
             assert contents.records[:2] == expected
             assert contents.records[2] == decode_line(last, 3)
@@ -270,25 +269,30 @@ def test_corrupt_last_complete_line_is_a_torn_tail(tmp_path):
     write_lines(path, encode_record(1.0, KIND_FULL, {"a": 1}), b"\x00\x00garbage\n")
     contents = read_log(path)
     assert len(contents.records) == 1
-    assert contents.bad_lines == []
     assert contents.torn_tail is not None and contents.torn_tail[0] == 2
 
 
-def test_corrupt_middle_line_reported(tmp_path, caplog):
+def _flipped_middle_log(path):
+    """The trial's case: a byte flip in the middle; the records after it
+    would fold {a: 7, b: 1} where the published state was {a: 7, b: 5}."""
+    lines = [
+        encode_record(1.0, KIND_FULL, {"a": 5, "b": 1}),
+        encode_record(2.0, KIND_INCREMENTAL, {"b": 5}).replace(b'"b":5', b'"b":4'),
+        encode_record(3.0, KIND_INCREMENTAL, {"a": 7}),
+    ]
+    write_lines(path, *lines)
+    return lines
+
+
+def test_corrupt_middle_line_stops_reading(tmp_path):
     path = tmp_path / "tids.log"
-    good = encode_record(1.0, KIND_FULL, {"a": 1})
-    bad = encode_record(2.0, KIND_INCREMENTAL, {"a": 2}).replace(b'"a":2', b'"a":3')
-    later = encode_record(3.0, KIND_INCREMENTAL, {"a": 4})
-    write_lines(path, good, bad, later)
-    with caplog.at_level(logging.ERROR, logger=tidlog.__name__):
-        contents = read_log(path)
-    assert [r.lineno for r in contents.records] == [1, 3]
-    assert len(contents.bad_lines) == 1
-    assert contents.bad_lines[0][0] == 2 and "crc" in contents.bad_lines[0][1]
-    assert contents.torn_tail is None
-    assert contents.final_tids() == {"a": 4}
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and f"{path}:2:" in errors[0].getMessage()
+    _flipped_middle_log(path)
+    with pytest.raises(TidLogError) as info:
+        read_log(path)
+    assert info.value.lineno == 2 and info.value.path == str(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:2: corrupt record: crc mismatch")
+    assert f"tidstorage log recover {path}" in text
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +323,7 @@ def test_check_valid_log(tmp_path):
         (encode_record(5.0, KIND_INCREMENTAL, {"a": 1}), "goes down"),
         (encode_record(5.0, KIND_FULL, {"a": 2}), "lacks storage 'b'"),
         (encode_record(5.0, KIND_FULL, {"a": 1, "b": 2}), "goes down"),
-        (b"garbage\n", "corrupt line"),
+        (b"garbage\n", "corrupt line: neither a JSON record"),
     ],
     ids=["decreasing-time", "decreasing-incremental", "full-missing-key", "full-lower-value", "corrupt"],
 )
@@ -339,13 +343,22 @@ def test_check_finds_problem_with_its_line_number(tmp_path, bad_line, message):
     assert lineno == 3 and message in text
 
 
-def test_check_reports_torn_tail(tmp_path):
+def test_check_reports_torn_tail_as_a_warning(tmp_path):
     path = tmp_path / "tids.log"
     write_lines(path, encode_record(1.0, KIND_FULL, {"a": 1}), encode_record(2.0, KIND_FULL, {"a": 2})[:-5])
     report = check_log(path)
-    assert not report.ok
-    assert report.records == 1
-    assert [(lineno, "torn tail" in text) for lineno, text in report.problems] == [(2, True)]
+    assert report.ok and report.problems == []
+    assert report.records == 1 and report.final_tids == {"a": 1}
+    assert [(lineno, "torn tail" in text) for lineno, text in report.warnings] == [(2, True)]
+
+
+def test_check_stops_at_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "tids.log"
+    _flipped_middle_log(path)
+    report = check_log(path)
+    assert not report.ok and report.records == 1 and report.final_tids == {"a": 5, "b": 1}
+    assert [lineno for lineno, _ in report.problems] == [2]
+    assert "checking stops here" in report.problems[0][1]
 
 
 def test_check_missing_file(tmp_path):
@@ -365,14 +378,13 @@ def test_rewrite_full(tmp_path):
         src,
         b"1.00 f {'a': 1L, 'b': 1L}\n",
         b"1.00 d {'b': 4L}\n",
-        b"corrupt\n",
         encode_record(2.0, KIND_INCREMENTAL, {"c": 7}),
         encode_record(3.0, KIND_FULL, {"a": 2, "b": 4, "c": 7}),
         encode_record(4.0, KIND_INCREMENTAL, {"a": 9})[:10],  # torn tail
     )
     assert rewrite_full(src, dst) == 4
     contents = read_log(dst)
-    assert contents.bad_lines == [] and contents.torn_tail is None
+    assert contents.torn_tail is None
     assert [r.kind for r in contents.records] == [KIND_FULL] * 4
     assert not any(r.legacy for r in contents.records)
     assert [r.time for r in contents.records] == [1.0, 1.0, 2.0, 3.0]
@@ -400,6 +412,36 @@ def test_rewrite_full_in_place_keeps_final_tids(tmp_path_factory, records):
     assert os.listdir(path.parent) == ["tids.log"]
 
 
+def test_rewrite_full_refuses_a_corrupt_log(tmp_path):
+    src = tmp_path / "old.log"
+    _flipped_middle_log(src)
+    with pytest.raises(TidLogError, match=":2: corrupt record"):
+        rewrite_full(src, tmp_path / "new.log")
+    assert sorted(os.listdir(tmp_path)) == ["old.log"]
+
+
+def test_recover_keeps_the_valid_prefix_and_the_original(tmp_path):
+    path = tmp_path / "tids.log"
+    lines = _flipped_middle_log(path)
+    original = path.read_bytes()
+    out = tmp_path / "out.log"
+    res = tidlog.recover_log(path, out)
+    assert out.read_bytes() == lines[0] and path.read_bytes() == original
+    assert (res.kept, res.dropped_lines, res.error.lineno) == (1, 2, 2)
+    assert res.final_tids == {"a": 5, "b": 1}
+    with pytest.raises(FileExistsError):
+        tidlog.recover_log(path, out)  # never overwrites another file
+    res = tidlog.recover_log(path)  # in place: the original is kept beside it
+    assert path.read_bytes() == lines[0]
+    assert res.original.startswith(f"{path}.corrupt-")
+    assert open(res.original, "rb").read() == original
+    assert check_log(path).ok and read_log(path).final_tids() == {"a": 5, "b": 1}
+    # nothing to recover: untouched
+    assert tidlog.recover_log(path).original is None
+    assert sorted(os.listdir(tmp_path)) == sorted(["tids.log", "out.log",
+                                                   os.path.basename(res.original)])
+
+
 def test_rewrite_full_missing_source(tmp_path):
     with pytest.raises(FileNotFoundError):
         rewrite_full(tmp_path / "missing", tmp_path / "out")
@@ -413,7 +455,7 @@ def test_rewrite_full_missing_source(tmp_path):
 
 def records_of(path) -> list[tuple[float, str, dict[str, int]]]:
     contents = read_log(path)
-    assert contents.bad_lines == [] and contents.torn_tail is None
+    assert contents.torn_tail is None
     return [(r.time, r.kind, r.tids) for r in contents.records]
 
 
@@ -599,21 +641,27 @@ def test_writer_reopen_after_rotation(tmp_path):
     assert records_of(path)[1:] == [(115.0, KIND_INCREMENTAL, {"a": 3})]
 
 
-def test_writer_after_torn_tail_starts_a_new_line(tmp_path, caplog):
+@pytest.mark.parametrize("torn", [
+    encode_record(2.0, KIND_INCREMENTAL, {"a": 2})[:-7],           # no newline
+    b"\x00" * 40,                                                 # zeros, no newline
+    encode_record(2.0, KIND_INCREMENTAL, {"a": 2})[:9] + b"\x00" * 9 + b"}\n",  # a lost page
+], ids=["cut", "zeros", "garbled-with-newline"])
+def test_writer_truncates_a_torn_tail(tmp_path, caplog, torn):
+    """After a crash while appending, the next writer cuts the torn bytes
+    off: the log stays readable after any number of crashes."""
     path = tmp_path / "tids.log"
     first = encode_record(1.0, KIND_FULL, {"a": 1})
-    torn = encode_record(2.0, KIND_INCREMENTAL, {"a": 2})[:-7]
     write_lines(path, first, torn)
+    assert read_log(path).torn_tail[0] == 2 and check_log(path).ok
     with caplog.at_level(logging.WARNING, logger=tidlog.__name__):
         writer = TidLogWriter(path, burst_period=1, full_dump_period=60, clock=FakeClock(100.0), initial_state={"a": 1})
-    assert any("torn" in r.getMessage() for r in caplog.records)
+    assert any("torn" in r.getMessage() and "truncating" in r.getMessage() for r in caplog.records)
     assert writer.tick() is True
     writer.close()
-    assert path.read_bytes().startswith(first + torn + b"\n")
-    contents = read_log(path)
-    assert [(r.lineno, r.kind, r.tids) for r in contents.records] == [(1, KIND_FULL, {"a": 1}), (3, KIND_FULL, {"a": 1})]
-    assert [lineno for lineno, _ in contents.bad_lines] == [2]
-    assert contents.torn_tail is None
+    assert path.read_bytes() == first + encode_record(100.0, KIND_FULL, {"a": 1})
+    assert records_of(path) == [(1.0, KIND_FULL, {"a": 1}), (100.0, KIND_FULL, {"a": 1})]
+    report = check_log(path)
+    assert report.ok and report.warnings == []
 
 
 def test_writer_keeps_pending_changes_when_a_write_fails(tmp_path, monkeypatch):
@@ -637,5 +685,45 @@ def test_writer_keeps_pending_changes_when_a_write_fails(tmp_path, monkeypatch):
     writer.close()
     contents = read_log(path)
     assert [r.tids for r in contents.records] == [{"a": 1}, {"a": 2, "b": 1}]
-    assert [lineno for lineno, _ in contents.bad_lines] == [2]  # the half-written line
-    assert contents.torn_tail is None
+    assert [r.lineno for r in contents.records] == [1, 2]  # the half-written line was cut off
+    assert contents.torn_tail is None and check_log(path).ok
+
+
+# ---------------------------------------------------------------------------
+# The command line: log check / recover, and the daemon's refusal to start
+# ---------------------------------------------------------------------------
+
+
+def test_cli_log_check_torn_tail_is_a_warning(tmp_path):
+    from fsfixtures import run_cli
+
+    path = tmp_path / "tids.log"
+    write_lines(path, encode_record(1.0, KIND_FULL, {"a": 1}), encode_record(2.0, KIND_FULL, {"a": 2})[:-5])
+    r = run_cli("log", "check", path, "--json")
+    assert r.returncode == 0, r.stderr
+    assert f"{path}:2: warning: torn tail" in r.stderr
+    assert json.loads(r.stdout) == {"a": 1}
+
+
+def test_cli_corrupt_middle_line_serve_refuses_then_recover(tmp_path):
+    from fsfixtures import run_cli
+
+    path = tmp_path / "tids.log"
+    lines = _flipped_middle_log(path)
+    r = run_cli("log", "check", path, "--json")
+    assert r.returncode == 1 and f"{path}:2: corrupt line: crc mismatch" in r.stderr
+    # the daemon refuses to start, naming the file and the line
+    r = run_cli("serve", "--port", "0", "--status-file", path, timeout=60)
+    assert r.returncode != 0
+    assert f"{path}:2: corrupt record: crc mismatch" in r.stderr
+    assert "tidstorage log recover" in r.stderr
+    assert path.read_bytes() == b"".join(lines)  # untouched
+    r = run_cli("log", "recover", path)
+    assert r.returncode == 0, r.stderr
+    assert f"{path}:2: first corrupt line" in r.stdout and "kept 1 valid record(s)" in r.stdout
+    kept = [p for p in os.listdir(tmp_path) if p.startswith("tids.log.corrupt-")]
+    assert len(kept) == 1 and (tmp_path / kept[0]).read_bytes() == b"".join(lines)
+    r = run_cli("log", "check", path, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"a": 5, "b": 1}
+    r = run_cli("log", "recover", path)
+    assert r.returncode == 0 and "nothing to recover" in r.stdout

@@ -219,10 +219,15 @@ def log_group() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the final TIDs as JSON.")
 def log_check(file: Path, as_json: bool) -> None:
-    """Check a TID log; print its final TIDs. Exit 1 naming the line on failure."""
+    """Check a TID log; print its final TIDs. Exit 1 naming the line on failure.
+
+    A torn last line (left by a crash while appending) is a warning only.
+    """
     from .tidlog import check_log
 
     report = check_log(file)
+    for lineno, message in report.warnings:
+        click.echo(f"{file}:{lineno}: warning: {message}", err=True)
     for lineno, message in report.problems:
         click.echo(f"{file}:{lineno}: {message}", err=True)
     if as_json:
@@ -246,6 +251,33 @@ def log_full(file: Path, output: Path | None) -> None:
     except (TidLogError, OSError) as exc:
         _fail(str(exc))
     click.echo(f"wrote {count} full records to {output or file}")
+
+
+@log_group.command("recover")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the valid prefix here (must not exist; default: replace FILE "
+                   "atomically, the original kept as FILE.corrupt-<time>).")
+def log_recover(file: Path, output: Path | None) -> None:
+    """Keep the records before the first corrupt line of a TID log.
+
+    Stop the daemon first. The prefix is a state the daemon published (an
+    older one): the daemon starts again from it.
+    """
+    from .tidlog import recover_log
+
+    try:
+        res = recover_log(file, output)
+    except OSError as exc:
+        _fail(str(exc))
+    if res.error is not None:
+        click.echo(f"{res.error.path}:{res.error.lineno}: first corrupt line: {res.error.reason}")
+    if output is None and res.original is None:
+        click.echo(f"{file}: nothing to recover ({res.kept} valid records)")
+        return
+    click.echo(f"kept {res.kept} valid record(s), dropped {res.dropped_lines} line(s): "
+               f"wrote {res.output}" + (f"; the original is kept as {res.original}"
+                                        if res.original else ""))
 
 
 # -- operator tools (backup, restore, repair, verify, cleanup) ---------------

@@ -209,8 +209,6 @@ def _read_tids(path: Path, storages, echo: Echo) -> dict[str, int]:
     if not path.exists():
         raise ToolError(f"TID log {path} does not exist")
     contents = read_log(path)
-    for lineno, reason in contents.bad_lines:
-        echo(f"warning: {path}:{lineno}: skipped corrupt line: {reason}")
     if contents.torn_tail:
         echo(f"warning: {path}:{contents.torn_tail[0]}: ignored torn last line")
     tids = contents.final_tids()

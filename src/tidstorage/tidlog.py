@@ -36,11 +36,21 @@ Crash safety
 Each record is appended with a single ``os.write`` followed by ``os.fsync``;
 a record counts only once it has been fsync'd.  A crash can therefore leave,
 at worst, an incomplete last line (a *torn tail*).  Readers recognise it
-(no trailing newline, or a line that fails to decode: the CRC makes a
-truncated or garbled record detectable) and ignore it with a warning; it is
-never misread as a record.  When a writer reopens a log ending with a torn
-tail, it starts its next record on a fresh line, so the torn line becomes a
-corrupt line in the middle of the file, which readers skip and report.
+(no trailing newline, or a last line that fails to decode: the CRC makes a
+truncated or garbled record detectable -- a large record spans several
+pages, and a crash can keep a later page without an earlier one) and ignore
+it with a warning; it is never misread as a record.  Ignoring it is safe:
+the state before it is a point the daemon published.  When a writer opens a
+log ending with a torn tail, it truncates the torn bytes away (they never
+counted) before appending, and a failed append is truncated away too, so a
+torn line never ends up in the middle of the file.
+
+A bad line anywhere *else* is corruption (a bit flip, a bad edit): the
+records after it fold onto a wrong state (an incremental record updates only
+some storages), so reading **stops**: :func:`read_log` raises
+:class:`TidLogError` naming the file and the line, and the daemon refuses to
+start.  :func:`recover_log` (``tidstorage log recover``) keeps the valid
+prefix, atomically, and keeps the original file.
 
 Legacy compatibility
 --------------------
@@ -116,6 +126,15 @@ class TidLogError(Exception):
         self.reason = reason
         self.path = path
         self.lineno = lineno
+
+
+class TidLogCorruptError(TidLogError, OSError):
+    """A log holds a corrupt line that is not its last one (see `read_log`).
+
+    Also an OSError, like :class:`gzip.BadGzipFile`: a file that cannot be
+    read as what it should be, so that callers that report unreadable files
+    (the daemon's start) report it as one.
+    """
 
 
 @dataclass(frozen=True)
@@ -306,8 +325,6 @@ class LogContents:
     """What `read_log` found in a log."""
 
     records: list[Record] = field(default_factory=list)
-    #: (lineno, reason) of corrupt lines that are not the last line.
-    bad_lines: list[tuple[int, str]] = field(default_factory=list)
     #: (lineno, reason) if the last line is incomplete or corrupt (ignored).
     torn_tail: tuple[int, str] | None = None
 
@@ -328,32 +345,66 @@ def _split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
+@dataclass
+class _Scan:
+    """A log read up to its first bad line (see `read_log`)."""
+
+    contents: LogContents
+    #: the first bad line that is not the last one (reading stopped there)
+    error: TidLogError | None
+    #: bytes of the valid prefix: the records in `contents`
+    valid_size: int
+    lines: int  # lines in the file
+
+
+def _scan_log(name: str) -> _Scan:
+    try:
+        with open(name, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return _Scan(LogContents(), None, 0, 0)
+    contents = LogContents()
+    lines = _split_lines(data)
+    size = 0
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            contents.records.append(decode_line(line, lineno, name))
+        except TidLogError as exc:
+            if lineno < len(lines):
+                return _Scan(contents, exc, size, len(lines))
+            contents.torn_tail = (lineno, exc.reason)
+            break
+        size += len(line)
+    return _Scan(contents, None, size, len(lines))
+
+
+def _corruption_error(exc: TidLogError, lines: int) -> TidLogCorruptError:
+    """The error for a corrupt line in the middle of a log: it names the
+    file and the line, and the way out."""
+    return TidLogCorruptError(
+        f"corrupt record: {exc.reason}; it is not the last line ({lines} lines), so the "
+        "records after it cannot be trusted and reading stops there. Stop the daemon, "
+        f"keep the file, and run `tidstorage log recover {exc.path}` (keeps the valid "
+        "prefix, keeps the original)", exc.path, exc.lineno)
+
+
 def read_log(path: PathLike) -> LogContents:
     """Read and decode a whole log.  A missing file reads as an empty log.
 
     The last line, if incomplete or invalid, is a torn tail (the trace of a
     crash while appending): it is ignored with a warning.  Any other invalid
-    line is reported in `LogContents.bad_lines` and logged as an error.
+    line raises :class:`TidLogError` naming the file and the line: the
+    records after it would fold onto a wrong state (see the module
+    docstring; `recover_log` keeps the valid prefix).
     """
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as file:
-            data = file.read()
-    except FileNotFoundError:
-        return LogContents()
-    contents = LogContents()
-    lines = _split_lines(data)
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            contents.records.append(decode_line(line, lineno, name))
-        except TidLogError as exc:
-            if lineno == len(lines):
-                contents.torn_tail = (lineno, exc.reason)
-                logger.warning("%s:%d: ignoring torn last line: %s", name, lineno, exc.reason)
-            else:
-                contents.bad_lines.append((lineno, exc.reason))
-                logger.error("%s:%d: skipping corrupt line: %s", name, lineno, exc.reason)
-    return contents
+    scan = _scan_log(name)
+    if scan.error is not None:
+        raise _corruption_error(scan.error, scan.lines)
+    if scan.contents.torn_tail is not None:
+        lineno, reason = scan.contents.torn_tail
+        logger.warning("%s:%d: ignoring torn last line: %s", name, lineno, reason)
+    return scan.contents
 
 
 @dataclass
@@ -364,6 +415,8 @@ class CheckReport:
     problems: list[tuple[int, str]]  # (lineno, message)
     final_tids: dict[str, int]
     records: int
+    #: (lineno, message): not failures (a torn last line, left by a crash)
+    warnings: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _record_problems(record: Record, state: Mapping[str, int], previous_time: float | None) -> list[str]:
@@ -386,7 +439,9 @@ def check_log(path: PathLike) -> CheckReport:
 
     Problems reported, each with its line number:
 
-    * a line that does not decode (a torn tail is reported too);
+    * a line that does not decode and is not the last one: checking stops
+      there (see `read_log`); a torn last line is only a *warning* (the
+      trace of a crash: readers ignore it, the next writer truncates it);
     * a timestamp lower than the previous record's.  Equal timestamps are
       allowed: legacy records only have 1/100 s resolution (writers of the
       new format keep them strictly increasing);
@@ -400,8 +455,12 @@ def check_log(path: PathLike) -> CheckReport:
     problems: list[tuple[int, str]] = []
     if not os.path.exists(name):
         problems.append((0, f"{name} does not exist"))
-    contents = read_log(name)
-    problems.extend((lineno, f"corrupt line: {reason}") for lineno, reason in contents.bad_lines)
+    scan = _scan_log(name)
+    contents = scan.contents
+    if scan.error is not None:
+        problems.append((scan.error.lineno, f"corrupt line: {scan.error.reason}; checking "
+                         "stops here (`tidstorage log recover` keeps the records before it)"))
+    warnings: list[tuple[int, str]] = []
     state: dict[str, int] = {}
     previous_time: float | None = None
     for record in contents.records:
@@ -410,10 +469,11 @@ def check_log(path: PathLike) -> CheckReport:
         previous_time = record.time
     if contents.torn_tail is not None:
         lineno, reason = contents.torn_tail
-        problems.append((lineno, f"torn tail (incomplete last record, ignored): {reason}"))
+        warnings.append((lineno, f"torn tail (incomplete last record, ignored): {reason}"))
     problems.sort(key=lambda problem: problem[0])  # stable: keeps a line's problems in order
     return CheckReport(
-        ok=not problems, problems=problems, final_tids=state, records=len(contents.records)
+        ok=not problems, problems=problems, final_tids=state, records=len(contents.records),
+        warnings=warnings,
     )
 
 
@@ -430,8 +490,9 @@ def rewrite_full(src: PathLike, dst: PathLike) -> int:
 
     Each input record (legacy or new) gives one full record with the same
     time, holding the folded state at that point, so the output has the same
-    `LogContents.final_tids`.  Corrupt lines and a torn tail are dropped (and
-    logged by `read_log`).  `dst` is replaced atomically (temporary file in
+    `LogContents.final_tids`.  A torn tail is dropped (and logged by
+    `read_log`); a corrupt line elsewhere raises TidLogError (use
+    `recover_log` first).  `dst` is replaced atomically (temporary file in
     its directory, fsync, rename), so `dst` may be `src`; `src` must not be
     appended to meanwhile.  Returns the number of records written.
 
@@ -445,6 +506,15 @@ def rewrite_full(src: PathLike, dst: PathLike) -> int:
     for record in read_log(src_name).records:
         fold_record(state, record)
         lines.append(encode_record(record.time, KIND_FULL, state))
+    _replace_file(dst_name, b"".join(lines))
+    return len(lines)
+
+
+def _replace_file(dst_name: str, data: bytes, keep: str | None = None) -> None:
+    """Write `dst_name` atomically (temporary file, fsync, rename, fsync of
+    the directory), keeping the permissions of a replaced file.  With
+    `keep`, the file replaced is hard-linked there first (it must not
+    exist): the original stays, whole, under that name."""
     try:
         mode = os.stat(dst_name).st_mode & 0o777  # keep the permissions of a replaced file
     except FileNotFoundError:
@@ -453,10 +523,12 @@ def rewrite_full(src: PathLike, dst: PathLike) -> int:
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst_name)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp:
-            tmp.write(b"".join(lines))
+            tmp.write(data)
             tmp.flush()
             os.fchmod(tmp.fileno(), mode)
             os.fsync(tmp.fileno())
+        if keep is not None:
+            os.link(dst_name, keep)
         os.replace(tmp_name, dst_name)
     except BaseException:
         try:
@@ -465,7 +537,56 @@ def rewrite_full(src: PathLike, dst: PathLike) -> int:
             pass
         raise
     _fsync_directory(directory)
-    return len(lines)
+
+
+@dataclass
+class RecoverResult:
+    """What `recover_log` did."""
+
+    output: str
+    kept: int  # records kept (the valid prefix)
+    dropped_lines: int  # lines after the prefix, not in the output
+    error: TidLogError | None  # the first bad line (None: only a torn tail, or nothing)
+    original: str | None  # where the original is kept (None: not replaced)
+    final_tids: dict[str, int] = field(default_factory=dict)
+
+
+def recover_log(src: PathLike, dst: PathLike | None = None) -> RecoverResult:
+    """Keep the valid prefix of the log `src`: the records before its first
+    bad line (and before a torn tail), byte for byte.
+
+    Written atomically to `dst` (which must not exist), or, without `dst`,
+    over `src`, after the original is hard-linked to
+    ``<src>.corrupt-<unix time>`` (never overwritten).  The prefix is a
+    state the daemon once published: coherent, older than the lost records.
+    In place, a log with nothing to drop is left alone (``original`` None).
+    Raises FileNotFoundError, FileExistsError, OSError.
+    """
+    src_name = os.fspath(src)
+    if not os.path.exists(src_name):
+        raise FileNotFoundError(f"TID log {src_name} does not exist")
+    dst_name = os.fspath(dst) if dst is not None else src_name
+    in_place = os.path.abspath(dst_name) == os.path.abspath(src_name)
+    if not in_place and os.path.lexists(dst_name):
+        raise FileExistsError(f"{dst_name} exists: not overwritten")
+    scan = _scan_log(src_name)
+    with open(src_name, "rb") as file:
+        prefix = file.read(scan.valid_size)
+    result = RecoverResult(
+        output=dst_name, kept=len(scan.contents.records),
+        dropped_lines=scan.lines - len(scan.contents.records), error=scan.error,
+        original=None, final_tids=scan.contents.final_tids())
+    if in_place:
+        if result.dropped_lines == 0:
+            return result
+        keep = f"{src_name}.corrupt-{int(_time.time())}"
+        while os.path.lexists(keep):
+            keep += "+"
+        _replace_file(src_name, prefix, keep=keep)
+        result.original = keep
+    else:
+        _replace_file(dst_name, prefix)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -494,22 +615,52 @@ def _last_complete_line(file: io.BufferedReader, size: int) -> bytes | None:
     return None
 
 
-def _inspect_tail(path: str) -> tuple[bool, float | None]:
-    """Return (ends with a torn line, time of the last valid line or None)."""
+def _inspect_tail(path: str) -> tuple[int | None, float | None]:
+    """Return (offset of a torn last line or None, time of the last valid
+    line or None).
+
+    The last line is torn if it has no newline, or if it does not decode
+    (as `read_log` sees it).
+    """
     with open(path, "rb") as file:
         size = file.seek(0, os.SEEK_END)
         if size == 0:
-            return False, None
+            return None, None
         file.seek(size - 1)
-        torn = file.read(1) != NEWLINE
         line = _last_complete_line(file, size)
-    last_time = None
-    if line is not None:
-        try:
-            last_time = decode_line(line, path=path).time
-        except TidLogError:
-            pass  # not our business here: readers report it
-    return torn, last_time
+        if file.seek(size - 1) >= 0 and file.read(1) != NEWLINE:
+            return _line_start(file, size), _time_of(line, path)
+        if line is None:
+            return None, None  # a last line over _TAIL_SCAN_LIMIT: readers judge it
+        last_time = _time_of(line, path)
+        if last_time is not None:
+            return None, last_time
+        # A complete but bad last line: torn too (a crash that kept the page
+        # of its newline but not an earlier one); the line before gives the time.
+        start = size - len(line)
+        return start, _time_of(_last_complete_line(file, start), path)
+
+
+def _line_start(file: io.BufferedReader, size: int) -> int:
+    """Offset just after the last newline of `file` (0 if none)."""
+    position = size
+    while position > 0:
+        step = min(_TAIL_SCAN_BLOCK, position)
+        position -= step
+        file.seek(position)
+        end = file.read(step).rfind(NEWLINE)
+        if end != -1:
+            return position + end + 1
+    return 0
+
+
+def _time_of(line: bytes | None, path: str) -> float | None:
+    if line is None:
+        return None
+    try:
+        return decode_line(line, path=path).time
+    except TidLogError:
+        return None  # not our business here: readers report it
 
 
 class TidLogWriter:
@@ -532,8 +683,10 @@ class TidLogWriter:
     * Timestamps strictly increase, even if the clock goes back, including
       across restarts (the last record of an existing file is read at open).
       If the clock goes back, the next records stay at most one period away.
-    * If the file ends with a torn line, the next record starts on a fresh
-      line (the torn line stays, readers skip it as a bad line).
+    * If the file ends with a torn line (a crash while appending), it is
+      truncated away at open (it never counted).  If an append fails, what
+      reached the file is truncated away before the next one (the append
+      fails until that succeeds), so no bad line is left in the middle.
 
     `initial_state` is the state reloaded at start (e.g.
     ``read_log(path).final_tids()``), so that a full record written before
@@ -559,7 +712,10 @@ class TidLogWriter:
         self._pending: dict[str, int] = {}
         self._last_time: float | None = None
         self._fd: int | None = None
-        self._needs_newline = False  # the file may end with a torn line
+        #: size to truncate the file back to before the next append (the
+        #: end of its last good record: a failed append may have left part
+        #: of a line), or None
+        self._good_size: int | None = None
         self._open()
         now = clock()
         self._next_full_dump = now  # first full record due immediately
@@ -569,14 +725,26 @@ class TidLogWriter:
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-        torn, last_time = _inspect_tail(self.path)
-        if torn:
+        torn_at, last_time = _inspect_tail(self.path)
+        if torn_at is not None:
+            size = os.fstat(self._fd).st_size
             logger.warning(
-                "%s: ends with a torn line; the next record will start on a new line", self.path
+                "%s: ends with a torn line (%d bytes from offset %d, the trace of a crash "
+                "while appending): truncating it away", self.path, size - torn_at, torn_at
             )
-        self._needs_newline = torn
+            self._good_size = torn_at
+            self._truncate_back()
         if last_time is not None and (self._last_time is None or last_time > self._last_time):
             self._last_time = last_time
+
+    def _truncate_back(self) -> None:
+        """Truncate what a failed append or a crash left after the last good
+        record.  Raises OSError (then the next append tries again)."""
+        if self._good_size is None:
+            return
+        os.ftruncate(self._fd, self._good_size)
+        os.fsync(self._fd)
+        self._good_size = None
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -587,8 +755,7 @@ class TidLogWriter:
         """Append `data` (one or more whole lines) and fsync."""
         if self._fd is None:
             raise ValueError(f"TID log {self.path} is closed")
-        if self._needs_newline:
-            data = NEWLINE + data
+        self._truncate_back()
         size_before = os.fstat(self._fd).st_size
         try:
             written = os.write(self._fd, data)
@@ -596,13 +763,14 @@ class TidLogWriter:
                 written += os.write(self._fd, data[written:])
             os.fsync(self._fd)
         except OSError:
-            # Part of the line may have reached the file: start afresh next time.
+            # Part of the line may have reached the file: cut it off now or
+            # before the next append.
+            self._good_size = size_before
             try:
-                self._needs_newline = self._needs_newline or os.fstat(self._fd).st_size != size_before
+                self._truncate_back()
             except OSError:
-                self._needs_newline = True
+                pass
             raise
-        self._needs_newline = False
 
     def _next_timestamp(self) -> float:
         now = self._clock()
