@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import calendar
 import concurrent.futures
+import hashlib
 import math
 import os
 import re
@@ -55,6 +56,8 @@ __all__ = [
     "data_files",
     "tidlog_copies",
     "blob_backup_dir",
+    "id_filename",
+    "id_from_filename",
     "Lock",
     "StorageBackup",
     "BackupResult",
@@ -164,6 +167,45 @@ def tidlog_copies(directory: Path | None, basename: str | None = None) -> list[t
         out.append((name[-19:], directory / name))
     out.sort()
     return out
+
+
+#: Longest file name made from a storage id: the suffixes added to it (e.g.
+#: ``.fs.index.index_tmp``, restore's ``.<name>.tidstorage-restore.part``)
+#: must still fit in the 255 bytes of a file name (NAME_MAX).
+MAX_ID_FILENAME = 160
+_ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def id_filename(storage_id: str) -> str:
+    """A storage id as one safe file name: every path built from an id goes
+    through this.
+
+    Letters, digits, ``-``, ``_`` and ``.`` (but not a leading one) stay;
+    every other byte of the UTF-8 id is ``%XX`` (so ``/``, ``..``, spaces
+    and the quotes of legacy ids such as ``((('host', 8100),), '1')`` never
+    reach the file system as such).  Reversible by :func:`id_from_filename`,
+    except for ids longer than :data:`MAX_ID_FILENAME` once quoted: those
+    are cut and end with ``~`` and 16 hex digits of their SHA-256.
+    """
+    out = []
+    for i, ch in enumerate(storage_id):
+        if ch in _ID_SAFE or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    name = "".join(out) or "%"
+    if len(name) > MAX_ID_FILENAME:
+        digest = hashlib.sha256(storage_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        name = name[:MAX_ID_FILENAME - 17].rstrip("%0123456789ABCDEF") + "~" + digest
+    return name
+
+
+def id_from_filename(name: str) -> str:
+    """The storage id of a file name made by :func:`id_filename` (a name
+    made the old way, the raw id, gives itself back)."""
+    from urllib.parse import unquote
+
+    return unquote(name, errors="surrogatepass")
 
 
 def blob_backup_dir(backup_dir: Path) -> Path:

@@ -157,7 +157,8 @@ def backup(config_path, full, gzip, quick, jobs, as_json):
 @click.option("--check", is_flag=True, help="Restore into a temporary directory, compare "
               "with the live files, delete: touch nothing live.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Restore as DIR/<storage id>.fs and DIR/<storage id>.blobs/.")
+              help="Restore as DIR/<storage id>.fs and DIR/<storage id>.blobs/ (the id "
+                   "quoted into a safe file name: letters, digits, -_. stay, the rest %XX).")
 @click.option("--force", is_flag=True, help="Replace existing files.")
 @click.option("--jobs", type=click.IntRange(min=1), help="Storages recovered at once.")
 @_WINDOW
@@ -225,13 +226,16 @@ def repair(config_path, tidlog, window):
 
 
 def _parse_files(specs) -> dict[str, Path]:
+    from .backup import id_from_filename
+
     out = {}
     for spec in specs:
         if "=" in spec:
             sid, _, path = spec.partition("=")
         else:
             path = spec
-            sid = Path(spec).stem if Path(spec).suffix == ".fs" else Path(spec).name
+            sid = id_from_filename(Path(spec).stem if Path(spec).suffix == ".fs"
+                                   else Path(spec).name)
         if not sid or not path:
             raise click.BadParameter(f"{spec!r}: expected ID=PATH or PATH", param_hint="--files")
         if sid in out:
@@ -245,7 +249,7 @@ def _parse_files(specs) -> dict[str, Path]:
               help="TOML config file (its storages' data_fs).")
 @click.option("--files", "files", multiple=True, metavar="[ID=]PATH",
               help="Check these files instead (repeatable; ID defaults to the file name "
-                   "without .fs, as restore --output-dir names them).")
+                   "without .fs, %XX unquoted, as restore --output-dir names them).")
 @click.option("-t", "--tidlog", type=click.Path(dir_okay=False, path_type=Path),
               help="Check the cut at this TID log's TIDs instead of the files' ends.")
 @click.option("--compute", is_flag=True, help="Print the largest coherent cut.")

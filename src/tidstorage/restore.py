@@ -58,6 +58,7 @@ from .backup import (
     ToolError,
     blob_backup_dir,
     data_files,
+    id_filename,
     parse_date,
     read_timestamps,
     repozo_argv,
@@ -395,9 +396,9 @@ def _plan(config, date, tids, output_dir, check_dirs) -> dict[str, StorageRestor
                               f"{blob_backup_dir(st.backup_dir)}")
                 continue
         if check_dirs is not None:
-            target, blob_target = check_dirs[sid] / f"{sid}.fs", check_dirs[sid] / f"{sid}.blobs"
+            target, blob_target = output_paths(check_dirs[sid], sid)
         elif output_dir is not None:
-            target, blob_target = output_dir / f"{sid}.fs", output_dir / f"{sid}.blobs"
+            target, blob_target = output_paths(output_dir, sid)
         else:
             target, blob_target = st.data_fs, st.blob_dir
         plans[sid] = StorageRestore(
@@ -408,6 +409,40 @@ def _plan(config, date, tids, output_dir, check_dirs) -> dict[str, StorageRestor
     if errors:
         raise ToolError("\n".join(errors + ["nothing was changed"]))
     return plans
+
+
+def output_paths(directory: Path, storage_id: str) -> tuple[Path, Path]:
+    """``DIR/<id>.fs`` and ``DIR/<id>.blobs`` (the id quoted: never outside DIR)."""
+    name = id_filename(storage_id)
+    return directory / f"{name}.fs", directory / f"{name}.blobs"
+
+
+def migrate_output_names(directory: Path, ids, echo: Echo = _quiet) -> list[tuple[Path, Path]]:
+    """Rename what an earlier restore ``--output-dir`` wrote under the raw
+    id (before ids were quoted) to the quoted name, so that it is found
+    (and protected: replacing it still needs ``--force``).  Only names that
+    stay inside ``directory`` and whose new name is free are renamed.
+    Returns the (old, new) pairs renamed."""
+    done = []
+    top = directory.resolve()
+    for sid in sorted(ids):
+        new_fs, new_blobs = output_paths(directory, sid)
+        pairs = [(directory / f"{sid}.fs", new_fs), (directory / f"{sid}.blobs", new_blobs)]
+        pairs += [(Path(f"{old}{sfx}"), Path(f"{new}{sfx}")) for old, new in pairs[:1]
+                  for sfx in (".index",)]
+        for old, new in pairs:
+            if old == new or not os.path.lexists(old) or os.path.lexists(new):
+                continue
+            if "/" in sid or old.resolve().parent != top or old.is_symlink():
+                echo(f"warning: {old} looks like an old-style restore of storage {sid!r} "
+                     "outside the output directory: left alone")
+                continue
+            os.rename(old, new)
+            done.append((old, new))
+            echo(f"note: renamed {old} (named the old way) to {new}")
+    if done:
+        blobs.fsync_dir(directory)
+    return done
 
 
 def _refuse_overwrite(plans: dict[str, StorageRestore], force: bool) -> None:
@@ -549,6 +584,8 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     check_dirs = None
     if check:
         check_dirs = {}
+    if output_dir is not None and output_dir.is_dir():
+        migrate_output_names(output_dir, config.storages, echo)
     try:
         if check:
             for sid, st in config.storages.items():
