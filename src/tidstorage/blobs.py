@@ -15,6 +15,14 @@ modified, only created (by a commit) or removed (by a pack).
 * :func:`copy_tree` copies a snapshot back (never hard links: the restored
   directory must not share inodes with the backup).
 
+Symbolic links inside a blob directory (a subdirectory moved to another disk
+and linked back, say) are **followed**, wherever they point: their files are
+backed up, restored and pruned like the others (a snapshot holds real
+directories and files).  A link that leads to a directory already walked (a
+loop, or two links to one directory), a dangling link, or an entry that is
+neither a file nor a directory raises :class:`BlobTreeError` naming the path:
+nothing is ever left out silently.
+
 Every file written is fsync'ed, and so is every directory created.
 """
 
@@ -33,6 +41,7 @@ from ZODB.utils import u64
 
 __all__ = [
     "SNAPSHOT_NAME",
+    "BlobTreeError",
     "SnapshotResult",
     "PruneResult",
     "fsync_dir",
@@ -79,17 +88,47 @@ def _copy_file(src: str, dst: str, fsync: bool) -> int:
     return os.path.getsize(dst)
 
 
+class BlobTreeError(OSError):
+    """A blob directory that cannot be walked whole (see the module
+    docstring); ``filename`` is the path."""
+
+
 def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
-    """(relative dir, file names) of ``root``, skipping the top ``tmp``."""
-    for dirpath, dirs, files in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        if rel == ".":
-            rel = ""
-            if _TMP_DIR in dirs:
-                dirs.remove(_TMP_DIR)
-        dirs.sort()
-        yield rel, sorted(f for f in files if os.path.isfile(os.path.join(dirpath, f))
-                          and not os.path.islink(os.path.join(dirpath, f)))
+    """(relative dir, sorted file names) of every directory of ``root``,
+    top down, in sorted order, skipping the top ``tmp``.  Symbolic links to
+    directories and files are followed; see :class:`BlobTreeError`.  An
+    entry that vanishes meanwhile (a pack) is skipped."""
+    root = os.fspath(root)
+    seen: dict[tuple[int, int], str] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise BlobTreeError(errno.ELOOP, "directory reached twice through symbolic links "
+                                f"(a loop, or two links to one directory; first seen as "
+                                f"{seen[key]})", path)
+        seen[key] = path
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        files, dirs = [], []
+        for entry in entries:
+            if not rel and entry.name == _TMP_DIR:
+                continue
+            if entry.is_dir():  # follows symbolic links
+                dirs.append(entry.name)
+            elif entry.is_file():
+                files.append(entry.name)
+            elif entry.is_symlink() and os.path.lexists(entry.path):
+                raise BlobTreeError(errno.ENOENT, "dangling symbolic link in a blob directory",
+                                    entry.path)
+            elif os.path.lexists(entry.path):
+                raise BlobTreeError(errno.EINVAL, "neither a file nor a directory in a blob "
+                                    "directory", entry.path)
+        yield rel, files
+        stack.extend(os.path.join(rel, d) for d in reversed(dirs))
 
 
 # ---------------------------------------------------------------------------
@@ -221,14 +260,20 @@ def blob_files(blob_dir) -> Iterator[tuple[Path, int, int]]:
     if not os.path.isdir(blob_dir):
         return
     helper = FilesystemHelper(blob_dir)
-    for _oid, path in helper.listOIDs():
-        for fname in sorted(os.listdir(path)):
+    # Not helper.listOIDs(): it does not follow symbolic links.
+    for rel, names in _walk(blob_dir):
+        path = os.path.join(blob_dir, rel) if rel else blob_dir
+        try:
+            helper.getOIDForPath(path)
+        except ValueError:
+            continue
+        for fname in names:
             full = os.path.join(path, fname)
             try:
                 oid, serial = helper.splitBlobFilename(full)
             except ValueError:
                 continue
-            if oid is None or not os.path.isfile(full):
+            if oid is None:
                 continue
             yield Path(full), u64(oid), u64(serial)
 
@@ -267,6 +312,8 @@ def prune(blob_dir, last_tid: int | None, *, move_to=None, dry_run: bool = False
             dst = move_to / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
+                if path.is_symlink():  # keep the data, not a link that may not resolve there
+                    raise OSError(errno.EXDEV, "symbolic link")
                 os.rename(path, dst)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
