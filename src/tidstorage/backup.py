@@ -3,8 +3,10 @@
 One backup, named by the UTC time it starts (``T``, repozo's
 ``YYYY-MM-DD-HH-MM-SS`` format):
 
-1. take the backup lock (``status_file_backup_dir/.tidstorage-backup.lock``);
-   wait, if needed, until ``T`` is newer than every name already used
+1. take the backup lock (``status_file_backup_dir/.tidstorage-backup.lock``,
+   an ``flock``); its descriptor is inherited by every repozo child, so the
+   lock is held until the last of them has exited, even if the backup
+   process dies; wait, if needed, until ``T`` is newer than every name already used
    (timestamps, TID log copies, repository files, blob snapshots), so that
    names sort like backups;
 2. copy the daemon's TID log (``server.status_file``) to
@@ -12,7 +14,11 @@ One backup, named by the UTC time it starts (``T``, repozo's
    every TID it publishes is then already in each ``Data.fs``;
 3. for every storage, in parallel (at most one per core, ``--jobs``):
    ``repozo -B -r backup_dir -f data_fs`` (``-F``, ``-z``, ``-Q`` passed on),
-   then a snapshot of ``blob_dir`` into ``<backup_dir>.blobs/T`` (hard links
+   (started through :data:`_CHILD_GUARD`: killed by the kernel if the
+   backup dies, so a killed backup leaves no repozo running; debris of an
+   interrupted run -- ``tmp.tmp``, a data file missing from its ``.dat``,
+   an index without its data file -- is removed or moved aside first, with a
+   warning), then a snapshot of ``blob_dir`` into ``<backup_dir>.blobs/T`` (hard links
    to the files unchanged since the previous snapshot), then delete the
    repository's older ``.index`` files (only the newest one is kept);
 4. only if every storage succeeded: fsync what was written and append the
@@ -32,6 +38,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -230,6 +237,11 @@ class Lock:
                 pass
             raise ToolError(f"{what}: lock file {self.path} is held{holder}") from None
 
+    def fileno(self) -> int:
+        """The descriptor holding the lock (an ``flock``: every process that
+        inherits it holds the lock until it closes it)."""
+        return self._lock._fp.fileno()
+
     def release(self) -> None:
         if self._lock is not None:
             self._lock.close()
@@ -303,6 +315,7 @@ class StorageBackup:
     blob_copied: int = 0
     blob_bytes_copied: int = 0
     removed_indexes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -412,14 +425,78 @@ def _incremental_estimate(repo: Path, size: int) -> int:
     return max(size - end, 0)
 
 
-def _run_repozo(st, args: list[str], progress: Progress | None) -> tuple[int, str]:
+#: How repozo is started (``python -c _CHILD_GUARD PARENT_PID ARGV...``): the
+#: child asks the kernel to SIGKILL it when the thread that started it ends
+#: (``PR_SET_PDEATHSIG``; that thread waits for it, so it ends early only if
+#: the backup process dies), checks that its parent is still the backup (it
+#: may have died before the request), then becomes repozo (``exec``).  Done
+#: in the child because ``preexec_fn`` is unsafe in a process with threads.
+#: Elsewhere than Linux, only the inherited lock protects: a second backup
+#: waits until an orphaned repozo has finished.
+_CHILD_GUARD = """\
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("tidstorage backup died before repozo started")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class _Children:
+    """The repozo processes running (to kill them if the backup is
+    interrupted) and the lock descriptor they inherit."""
+
+    def __init__(self, lock_fd: int | None) -> None:
+        self.lock_fd = lock_fd
+        self._procs: set[subprocess.Popen] = set()
+        self._mutex = threading.Lock()
+
+    def start(self, argv: list[str]) -> subprocess.Popen:
+        exe = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0]) or argv[0]
+        guarded = [sys.executable, "-c", _CHILD_GUARD, str(os.getpid()), exe] + argv[1:]
+        with self._mutex:
+            proc = subprocess.Popen(
+                guarded, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                pass_fds=() if self.lock_fd is None else (self.lock_fd,))
+            self._procs.add(proc)
+        return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        with self._mutex:
+            self._procs.discard(proc)
+
+    def kill_all(self) -> None:
+        with self._mutex:
+            for proc in self._procs:
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
+
+
+def _run_repozo(st, args: list[str], progress: Progress | None,
+                children: _Children) -> tuple[int, str]:
     repo = st.backup_dir
     argv = repozo_argv() + ["-B", "-r", str(repo), "-f", str(st.data_fs)] + args
     size = st.data_fs.stat().st_size
     total = size if "-F" in args or not data_files(repo) else _incremental_estimate(repo, size)
     tmp = repo / "tmp.tmp"  # where repozo copies before renaming
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    proc = children.start(argv)
+    try:
+        return _wait(proc, st, tmp, total, progress)
+    finally:
+        if proc.poll() is None:  # interrupted (KeyboardInterrupt): never leave it running
+            proc.kill()
+            proc.wait()
+        children.done(proc)
+
+
+def _wait(proc, st, tmp: Path, total: int, progress: Progress | None) -> tuple[int, str]:
     while True:
         try:
             out, err = proc.communicate(timeout=0.2)
@@ -435,6 +512,70 @@ def _run_repozo(st, args: list[str], progress: Progress | None) -> tuple[int, st
     return proc.returncode, text
 
 
+#: Where debris of an interrupted repozo run is moved (out of repozo's sight:
+#: it only looks at the repository's top level).
+INTERRUPTED_DIR = ".tidstorage-interrupted"
+
+
+def repository_debris(repo: Path) -> list[tuple[str, str]]:
+    """``(name, why)`` of what an interrupted repozo run left in ``repo``:
+    its scratch file ``tmp.tmp``; data files of the newest chain that its
+    ``.dat`` does not list (repozo renames a data file, then records it in
+    the ``.dat``: ``repozo -R`` would splice them in); indexes newer than
+    every remaining data file, without their own."""
+    out: list[tuple[str, str]] = []
+    if (repo / "tmp.tmp").exists():
+        out.append(("tmp.tmp", "repozo's scratch file"))
+    files = data_files(repo)
+    fulls = [n for n in files if n.endswith(FULL_EXTS)]
+    bad: set[str] = set()
+    if fulls:
+        dat = repo / (fulls[-1][:19] + ".dat")
+        try:
+            listed = {os.path.basename(ln.split()[0]) for ln in dat.read_text().splitlines()
+                      if ln.strip()}
+        except FileNotFoundError:
+            listed = set()
+        except (OSError, IndexError, UnicodeDecodeError):
+            return out  # restore reports a damaged .dat; not debris to guess about
+        bad = {n for n in files if n[:19] >= fulls[-1][:19] and n not in listed}
+        out += [(n, f"a data file not listed in {dat.name}") for n in sorted(bad)]
+    good = [n[:19] for n in files if n not in bad]
+    newest = max(good, default="")
+    try:
+        names = sorted(os.listdir(repo))
+    except FileNotFoundError:
+        return out
+    for n in names:
+        if (n.endswith(".index") and TIMESTAMP_RE.fullmatch(n[:-6]) and n[:19] > newest):
+            out.append((n, "an index without its data file"))
+    return out
+
+
+def clear_debris(st, warnings: list[str]) -> None:
+    """Remove (``tmp.tmp``) or move aside (into :data:`INTERRUPTED_DIR`) the
+    debris of an interrupted run, before repozo runs again.  Called under
+    the backup lock, which every repozo child of a backup inherits: no
+    backup is writing there."""
+    repo = st.backup_dir
+    for name, why in repository_debris(repo):
+        path = repo / name
+        if name == "tmp.tmp":
+            path.unlink()
+            warnings.append(f"storage {st.id}: removed {path} ({why}) left by an interrupted "
+                            "backup")
+            continue
+        aside = repo / INTERRUPTED_DIR
+        aside.mkdir(exist_ok=True)
+        dest = aside / name
+        while dest.exists():
+            dest = dest.with_name(dest.name + "+")
+        os.rename(path, dest)
+        warnings.append(f"storage {st.id}: moved {path} ({why}, left by an interrupted "
+                        f"backup) to {dest}; delete it once you are satisfied")
+    blobs.fsync_dir(repo)
+
+
 def _remove_debris(repo: Path, new: list[str]) -> None:
     """After a failed repozo run: its scratch file, and an index it wrote
     for a data file it did not finish."""
@@ -445,7 +586,8 @@ def _remove_debris(repo: Path, new: list[str]) -> None:
             (repo / n).unlink(missing_ok=True)
 
 
-def _backup_storage(st, name: str, args: list[str], progress: Progress | None) -> StorageBackup:
+def _backup_storage(st, name: str, args: list[str], progress: Progress | None,
+                    children: _Children) -> StorageBackup:
     t0 = time.monotonic()
     r = StorageBackup(st.id)
     repo = st.backup_dir
@@ -455,8 +597,9 @@ def _backup_storage(st, name: str, args: list[str], progress: Progress | None) -
         if st.blob_dir is not None and not st.blob_dir.is_dir():
             raise ToolError(f"storage {st.id}: blob directory {st.blob_dir} does not exist")
         repo.mkdir(parents=True, exist_ok=True)
+        clear_debris(st, r.warnings)
         before = set(os.listdir(repo))
-        code, err = _run_repozo(st, args, progress)
+        code, err = _run_repozo(st, args, progress, children)
         new = sorted(set(os.listdir(repo)) - before - {"tmp.tmp"})
         r.files = new
         if code != 0:
@@ -515,25 +658,32 @@ def run_backup(config: Config, *, full: bool = False, gzip: bool = False, quick:
     t0 = time.monotonic()
     log_dir = config.backup.status_file_backup_dir
     log_dir.mkdir(parents=True, exist_ok=True)
-    with Lock(log_dir / BACKUP_LOCK, "backup: another backup or cleanup is running"):
+    with Lock(log_dir / BACKUP_LOCK, "backup: another backup or cleanup is running") as lock:
+        children = _Children(lock.fileno())
         name = _start_name(config, clock)
         result = BackupResult(started=name)
         result.tidlog_copy = str(_copy_tidlog(config, name, result))
         args = (["-F"] if full else []) + (["-z"] if gzip else []) + (["-Q"] if quick else [])
         ids = sorted(config.storages)
         workers = max(1, min(jobs or os.cpu_count() or 1, len(ids)))
-        lock = threading.Lock()
+
+        mutex = threading.Lock()
 
         def one(sid: str) -> StorageBackup:
-            r = _backup_storage(config.storages[sid], name, args, progress)
+            r = _backup_storage(config.storages[sid], name, args, progress, children)
             if after_storage is not None:
-                with lock:
+                with mutex:
                     after_storage(r)
             return r
 
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool:
-            for r in pool.map(one, ids):
-                result.storages[r.id] = r
+            try:
+                for r in pool.map(one, ids):
+                    result.storages[r.id] = r
+                    result.warnings += r.warnings
+            except BaseException:
+                children.kill_all()  # e.g. KeyboardInterrupt: the workers end at once
+                raise
         if all(r.ok for r in result.storages.values()):
             newest = max([name] + [f[:19] for r in result.storages.values() for f in r.files
                                    if DATA_FILE_RE.fullmatch(f)])
