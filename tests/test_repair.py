@@ -175,3 +175,93 @@ def test_prune_lawn_layout(tmp_path):
     with pytest.raises(FileExistsError):
         blobs.prune(blob_dir, tids[0], move_to=tmp_path / "aside")
     assert blobs.prune(blob_dir, None).files and _blob_tids(blob_dir) == []
+
+
+def test_a_repair_killed_between_two_cuts_is_resumed(tmp_path):
+    """A real SIGKILL of ``tidstorage repair`` after it cut a and before it
+    cut b (the test hook only places the kill): the re-run replays the
+    recorded plan (the same cut points; recomputing on the half-cut set
+    would choose others), keeps the safety copies, and ends coherent."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from fsfixtures import TIDSTORAGE
+    from tidstorage.restore import PAUSE_AFTER_CUT_ENV, PLAN_SUFFIX
+
+    site, t = _crash_site(tmp_path)
+    originals = {s: digest(site.data_fs(s)) for s in site.ids}
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(TIDSTORAGE + ["repair", "-c", str(site.config)],
+                            env={**os.environ, PAUSE_AFTER_CUT_ENV: str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "repair never reached its first cut"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert marker.read_text() == "a"
+    plans = [site.data_fs(s).with_name("Data.fs" + PLAN_SUFFIX) for s in site.ids]
+    assert all(p.exists() for p in plans)
+    # half cut: a is cut, b is not
+    assert fsscan.last_tid(site.data_fs("a")) < t["a"]
+    assert digest(site.data_fs("b")) == originals["b"]
+
+    # The daemon's TID log moves on meanwhile: the replay must not use it.
+    with open(site.tidlog, "ab") as f:
+        from tidstorage import tidlog
+        f.write(tidlog.encode_record(time.time(), tidlog.KIND_FULL, {"a": t["a"], "b": t["b"]}))
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming the interrupted repair" in r.stdout
+    assert f"storage a: {site.data_fs('a')} already cut" in r.stdout
+    assert "made by the interrupted repair) checked" in r.stdout
+    assert "verify: coherent" in r.stdout
+    for s in site.ids:
+        assert digest(site.data_fs(s).with_name("Data.fs.before-repair")) == originals[s]
+        assert fsscan.last_tid(site.data_fs(s)) < t[s]
+        assert t[s] not in _blob_tids(site.blob_dir(s))
+    assert not any(p.exists() for p in plans)  # done: the plan is gone
+    counts = {s: read_counters(site.data_fs(s), site.blob_dir(s)) for s in site.ids}
+    assert counts["a"]["multi"] == counts["b"]["multi"] == 3
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0 and "nothing to repair" in r.stdout
+
+
+def test_a_plan_is_not_replayed_over_a_file_that_changed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from fsfixtures import TIDSTORAGE
+    from tidstorage.restore import PAUSE_AFTER_CUT_ENV
+
+    site, t = _crash_site(tmp_path)
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(TIDSTORAGE + ["repair", "-c", str(site.config)],
+                            env={**os.environ, PAUSE_AFTER_CUT_ENV: str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    with open(site.data_fs("b"), "ab") as f:
+        f.write(b"more")    # someone wrote to b since
+    state = tree_state(site.root)
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 1
+    assert f"storage b: {site.data_fs('b')} is " in r.stderr and "changed since the plan" in r.stderr
+    assert "remove the plan files" in r.stderr
+    assert tree_state(site.root) == state

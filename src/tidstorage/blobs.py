@@ -29,6 +29,7 @@ Every file written is fsync'ed, and so is every directory created.
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import re
 import shutil
@@ -278,14 +279,16 @@ def blob_files(blob_dir) -> Iterator[tuple[Path, int, int]]:
             yield Path(full), u64(oid), u64(serial)
 
 
-def prune(blob_dir, last_tid: int | None, *, move_to=None, dry_run: bool = False) -> PruneResult:
+def prune(blob_dir, last_tid: int | None, *, move_to=None, dry_run: bool = False,
+          resume: bool = False) -> PruneResult:
     """Remove the blob files of revisions newer than ``last_tid``.
 
     ``last_tid`` is the TID of the last transaction kept in the cut
     ``Data.fs`` (None: the storage is empty, every blob file goes).  With
     ``move_to``, the files are moved there (same relative paths) instead of
-    deleted -- nothing is lost; ``move_to`` must not exist yet.  With
-    ``dry_run``, only lists them.
+    deleted -- nothing is lost; ``move_to`` must not exist yet, unless
+    ``resume`` (an interrupted prune into it goes on; a file is never
+    overwritten there).  With ``dry_run``, only lists them.
     """
     result = PruneResult()
     blob_dir = os.fspath(blob_dir)
@@ -298,10 +301,10 @@ def prune(blob_dir, last_tid: int | None, *, move_to=None, dry_run: bool = False
         return result
     if move_to is not None:
         move_to = Path(move_to)
-        if move_to.exists():
+        if move_to.exists() and not resume:
             raise FileExistsError(errno.EEXIST, "already exists", str(move_to))
         result.moved_to = move_to
-        move_to.mkdir(parents=True)
+        move_to.mkdir(parents=True, exist_ok=resume)
         marker = os.path.join(blob_dir, _LAYOUT_MARKER)
         if os.path.exists(marker):  # keep it a readable blob directory
             _copy_file(marker, os.fspath(move_to / _LAYOUT_MARKER), True)
@@ -311,6 +314,13 @@ def prune(blob_dir, last_tid: int | None, *, move_to=None, dry_run: bool = False
         if move_to is not None:
             dst = move_to / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(dst):  # an interrupted copy (EXDEV below), or not ours
+                if not filecmp.cmp(path, dst, shallow=False):
+                    raise FileExistsError(errno.EEXIST, f"{path} was to be moved there, and "
+                                          "differs: not overwritten", str(dst))
+                os.unlink(path)
+                touched.add(os.fspath(path.parent))
+                continue
             try:
                 if path.is_symlink():  # keep the data, not a link that may not resolve there
                     raise OSError(errno.EXDEV, "symbolic link")

@@ -23,6 +23,11 @@ _CONFIG = click.option("-c", "--config", "config_path", required=True,
 _WINDOW = click.option("--window", type=click.FloatRange(min=1.0), default=3600.0,
                        show_default=True,
                        help="Seconds of TID time read before each storage's cut.")
+_FORCE_CUT = click.option("--force-cut", is_flag=True,
+                          help="Cut even if the stamp check lowers a cut by more than "
+                               "restore.MAX_CUT_LOWERING (1 hour of commits) below the TID "
+                               "log's point (refused by default: a sign of a foreign or "
+                               "swapped repository or TID log).")
 
 
 def _fail(message: str, code: int = EXIT_FAILURE):
@@ -201,18 +206,21 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
 @click.option("-t", "--tidlog", type=click.Path(dir_okay=False, path_type=Path),
               help="TID log (default: server.status_file, the daemon's).")
 @_WINDOW
-def repair(config_path, tidlog, window):
+@_FORCE_CUT
+def repair(config_path, tidlog, window, force_cut):
     """Cut every live Data.fs at its published TID (after a crash).
 
     A checked safety copy (Data.fs.before-repair) is made before any cut and
-    kept; pruned blob files are moved to <blob_dir>.before-repair.
+    kept; pruned blob files are moved to <blob_dir>.before-repair. The plan
+    is recorded first (Data.fs.repair-plan): an interrupted repair is
+    resumed by running it again.
     """
     from .restore import CACHE_NOTE, run_repair
 
     config = _load(config_path)
     with _Errors():
         result = run_repair(config, tidlog=tidlog.resolve() if tidlog else None,
-                            window=window, echo=click.echo)
+                            window=window, force_cut=force_cut, echo=click.echo)
     if result.changed:
         click.echo("safety copies kept (delete them once satisfied): "
                    + ", ".join(str(p) for p in list(result.safety_copies.values())

@@ -43,10 +43,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
+import math
 import os
 import shutil
 import subprocess
 import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +71,7 @@ from .backup import (
 from .config import Config, ConfigError, StorageConfig
 from .fsscan import CutPoint, ScanError
 from .tidlog import read_log
+from .tids import tid_seconds
 
 __all__ = [
     "CACHE_NOTE",
@@ -130,11 +135,55 @@ class CutDecision:
         return self.point.offset != self.size
 
 
+#: How far, in seconds of TID time, the stamp check may lower a storage's cut
+#: below the TID log's point without ``--force-cut``.  A TID log that
+#: describes these files splits only transactions in flight around its point
+#: (seconds), or, for a log newer than the backup (``-t``), those committed
+#: while the backup ran; an hour covers both for ordinary sets (it is also
+#: the default verify window).  Lowering further means that the TID log or
+#: the files are not what they claim (another deployment's repository, two
+#: storages' repositories swapped): the cut would empty the files.  A cut
+#: that would leave nothing where the TID log's point keeps transactions is
+#: always beyond the bound.
+MAX_CUT_LOWERING = 3600.0
+
+
+def _lowering(d: CutDecision) -> float:
+    """Seconds of TID time the cut was lowered by (inf: to an empty file)."""
+    if not d.lowered or d.log_point.last_tid is None:
+        return 0.0
+    if d.point.last_tid is None:
+        return math.inf
+    return tid_seconds(d.log_point.last_tid) - tid_seconds(d.point.last_tid)
+
+
+def _refuse_deep_lowering(cuts: dict[str, CutDecision]) -> None:
+    deep = [d for d in cuts.values() if _lowering(d) > MAX_CUT_LOWERING]
+    if not deep:
+        return
+    lines = []
+    for d in sorted(deep, key=lambda d: d.id):
+        how = ("to an empty file" if d.point.last_tid is None
+               else f"by {_lowering(d) / 3600:.1f} hours of commits, to "
+                    f"{verify.format_tid(d.point.last_tid)}")
+        lines.append(f"storage {d.id}: the stamp check would lower the cut {how} instead of "
+                     f"{verify.format_tid(d.log_point.last_tid)} "
+                     f"({d.point.dropped - d.log_point.dropped} more transaction(s) dropped)")
+    raise ToolError("\n".join(lines + [
+        f"that is more than the {MAX_CUT_LOWERING / 3600:g} hour(s) a TID log of these files "
+        "can be off by: the TID log or a repository is probably not this set's (another "
+        "deployment's, or two storages' swapped); nothing was changed. Check, then use "
+        "--force-cut to cut that low anyway"]))
+
+
 def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
-                echo: Echo = _quiet) -> tuple[dict[str, CutDecision], verify.VerifyReport]:
+                echo: Echo = _quiet, force_cut: bool = False,
+                ) -> tuple[dict[str, CutDecision], verify.VerifyReport]:
     """Cut points at ``tids``, lowered to the largest coherent cut if needed.
 
-    Also returns the verification report (splits at ``tids``, what was read).
+    Raises :class:`ToolError` if that lowers a cut by more than
+    :data:`MAX_CUT_LOWERING` (unless ``force_cut``).  Also returns the
+    verification report (splits at ``tids``, what was read).
     """
     report = verify.check(paths, cut=tids, window=window, compute=True)
     for w in report.windows.values():
@@ -165,6 +214,8 @@ def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
                  f"{verify.format_tid(log_point.last_tid)} "
                  f"({point.dropped - log_point.dropped} more transaction(s) dropped)")
         out[s] = d
+    if not force_cut:
+        _refuse_deep_lowering(out)
     return out, report
 
 
@@ -761,88 +812,252 @@ def _repair_storages(config: Config) -> dict[str, StorageConfig]:
     return dict(config.storages)
 
 
+#: Suffix of the repair plan written beside each Data.fs (see :func:`run_repair`).
+PLAN_SUFFIX = ".repair-plan"
+PLAN_FORMAT = 1
+#: Test hook, only to *place* a kill: after cutting a storage, repair writes
+#: that storage's id to the file named by this variable and waits for ever.
+PAUSE_AFTER_CUT_ENV = "TIDSTORAGE_TEST_REPAIR_PAUSE_AFTER_CUT"
+
+
+def _plan_path(data_fs: Path) -> Path:
+    return Path(f"{data_fs}{PLAN_SUFFIX}")
+
+
+def _cut_to_json(d: CutDecision) -> dict:
+    return {"id": d.id, "path": str(d.path), "size": d.size, "tid": d.tid,
+            "final_tid": d.final_tid, "point": dict(d.point.__dict__),
+            "log_point": dict(d.log_point.__dict__)}
+
+
+def _cut_from_json(data: dict) -> CutDecision:
+    return CutDecision(data["id"], Path(data["path"]), data["size"], data["tid"],
+                       data["final_tid"], CutPoint(**data["point"]), CutPoint(**data["log_point"]))
+
+
+def _write_plans(plan: dict, paths: list[Path]) -> None:
+    """The plan, durably, beside every Data.fs (temporary file, fsync,
+    rename, fsync of the directory): a re-run finds it whatever survives."""
+    from .backup import atomic_write
+
+    data = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
+    for path in paths:
+        atomic_write(path, data)
+
+
+def _read_plan(storages: dict[str, StorageConfig]) -> dict | None:
+    """The plan of an interrupted repair, if any (every copy must agree)."""
+    found: dict[Path, dict] = {}
+    for st in storages.values():
+        path = _plan_path(st.data_fs)
+        if not path.exists():
+            continue
+        try:
+            found[path] = json.loads(path.read_text())
+            if found[path].get("format") != PLAN_FORMAT:
+                raise ValueError(f"unknown format {found[path].get('format')!r}")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ToolError(f"cannot read the repair plan {path}: {exc}; nothing was "
+                            "changed") from None
+    if not found:
+        return None
+    ids = {plan["plan_id"] for plan in found.values()}
+    if len(ids) > 1:
+        raise ToolError("repair plans of different repairs: " + ", ".join(
+            f"{p} ({plan['plan_id']})" for p, plan in sorted(found.items()))
+            + "; nothing was changed")
+    plan = next(iter(found.values()))
+    expected = {s: str(st.data_fs) for s, st in storages.items()}
+    planned = {s: e["cut"]["path"] for s, e in plan["storages"].items()}
+    if planned != expected:
+        raise ToolError(f"the repair plan {next(iter(found))} is for other storages or files "
+                        f"({planned}) than the configuration ({expected}); nothing was changed")
+    return plan
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    size = a.stat().st_size
+    return size == b.stat().st_size and _digest(a, size) == _digest(b, size)
+
+
+def _pause_after_cut(sid: str) -> None:
+    marker = os.environ.get(PAUSE_AFTER_CUT_ENV)
+    if marker:
+        Path(marker).write_text(sid)
+        while True:
+            time.sleep(3600)
+
+
+def _make_plan(storages, tids, tidlog: Path, window: float, force_cut: bool, echo: Echo,
+               result: RepairResult) -> dict | None:
+    """Decide the cuts and what to prune; refuse leftovers; None: nothing to do."""
+    paths = {s: st.data_fs for s, st in storages.items()}
+    try:
+        cuts, _report = decide_cuts(paths, tids, window=window, echo=echo, force_cut=force_cut)
+    except ScanError as exc:
+        raise ToolError(f"cannot read {exc.path}: {exc}; nothing was changed") from None
+    result.cuts = cuts
+    entries: dict[str, dict] = {}
+    refusals = []
+    for s, d in sorted(cuts.items()):
+        echo(_describe_cut(d))
+        safety = Path(f"{d.path}{SAFETY_SUFFIX}")
+        if safety.exists():
+            result.leftovers.append(safety)
+        if d.changes and safety.exists():
+            refusals.append(
+                f"storage {s}: a safety copy from an earlier repair exists: {safety}. "
+                "It is never overwritten: check that storage (and keep the copy if in "
+                "doubt, elsewhere), then delete or move it away, and run repair again")
+        entry = {"cut": _cut_to_json(d), "last_tid": fsscan.last_tid(d.path),
+                 "safety": str(safety), "blob_dir": None, "blobs_to": None}
+        blob_dir = storages[s].blob_dir
+        if blob_dir is not None:
+            moved = Path(f"{blob_dir}{SAFETY_SUFFIX}")
+            if moved.exists():
+                result.leftovers.append(moved)
+            if blobs.prune(blob_dir, d.point.last_tid, dry_run=True).files:
+                entry.update(blob_dir=str(blob_dir), blobs_to=str(moved))
+                if moved.exists():
+                    refusals.append(
+                        f"storage {s}: {moved} (blob files pruned by an earlier repair) "
+                        "exists: check, then delete or move it away, and run repair again")
+        entries[s] = entry
+    if refusals:
+        raise ToolError("\n".join(refusals + ["nothing was changed"]))
+    if not any(d.changes for d in cuts.values()) and not any(e["blob_dir"] for e in entries.values()):
+        return None
+    return {"format": PLAN_FORMAT, "plan_id": uuid.uuid4().hex, "created": time.time(),
+            "tidlog": str(tidlog), "storages": entries}
+
+
+def _execute_plan(plan: dict, plan_files: list[Path], echo: Echo, result: RepairResult) -> None:
+    """Carry the plan out, or the rest of it: every step checks what is
+    already done, so a run killed anywhere can be replayed.  If a safety
+    copy cannot be made before any file is cut, the copies made and the plan
+    are removed: nothing was changed."""
+    entries = sorted(plan["storages"].items())
+    cuts = {s: _cut_from_json(e["cut"]) for s, e in entries}
+    result.cuts = cuts
+    todo = []
+    problems = []
+    for s, e in entries:  # where each file stands, before anything is done
+        d = cuts[s]
+        if not d.changes:
+            continue
+        size = d.path.stat().st_size
+        if size == d.size and fsscan.last_tid(d.path) == e["last_tid"]:
+            todo.append(s)
+        elif size == d.point.offset and fsscan.last_tid(d.path) == d.point.last_tid:
+            echo(f"storage {s}: {d.path} already cut to {size} bytes")
+            safety = Path(e["safety"])
+            if safety.exists():
+                result.safety_copies[s] = safety
+            else:
+                echo(f"warning: storage {s}: its safety copy {safety} is gone")
+        else:
+            problems.append(f"storage {s}: {d.path} is {size} bytes: the plan expects "
+                            f"{d.size} (before the cut) or {d.point.offset} (after it): the "
+                            "file changed since the plan was made")
+    if problems:
+        raise ToolError("\n".join(problems + [
+            "nothing more was changed; check these storages, then remove the plan files "
+            f"(*{PLAN_SUFFIX} beside each Data.fs) to start a new repair"]))
+    made: list[Path] = []
+    for s in todo:  # safety copies: every one checked before any cut
+        d = cuts[s]
+        safety = Path(plan["storages"][s]["safety"])
+        if safety.exists():
+            if not _same_bytes(safety, d.path):
+                raise ToolError(f"storage {s}: {safety} exists and is not a copy of {d.path}: "
+                                "it is never overwritten; nothing more was changed")
+            echo(f"storage {s}: safety copy {safety} (made by the interrupted repair) checked")
+        else:
+            try:
+                size, digest = safety_copy(d.path, safety)
+            except (OSError, ToolError) as exc:
+                why = _err(exc) if isinstance(exc, OSError) else str(exc)
+                for p in made:  # copies of files left untouched
+                    p.unlink(missing_ok=True)
+                if len(todo) == sum(cuts[x].changes for x in cuts) and \
+                        len(made) == len(result.safety_copies):
+                    for p in plan_files:  # nothing done before this run either
+                        p.unlink(missing_ok=True)
+                    after = "nothing was changed"
+                else:
+                    after = "no file was cut by this run: run repair again to resume"
+                raise ToolError(f"storage {s}: cannot make the safety copy {safety}: "
+                                f"{why}; {after}") from None
+            made.append(safety)
+            echo(f"storage {s}: safety copy {safety} ({size} bytes, sha256 {digest[:16]}...) "
+                 "checked")
+        result.safety_copies[s] = safety
+    for s in todo:
+        d = cuts[s]
+        fsscan.truncate_at(d.path, d.point.offset)
+        echo(f"storage {s}: {d.path} cut to {d.point.offset} bytes")
+        _pause_after_cut(s)
+    for s, e in entries:
+        if not e["blob_dir"]:
+            continue
+        moved = Path(e["blobs_to"])
+        pruned = blobs.prune(e["blob_dir"], cuts[s].point.last_tid, move_to=moved, resume=True)
+        result.pruned_blobs[s] = len(pruned.files)
+        result.pruned_to[s] = moved
+        echo(f"storage {s}: moved {len(pruned.files)} blob file(s) newer than the cut to "
+             f"{moved}")
+
+
 def run_repair(config: Config, *, tidlog: Path | None = None,
-               window: float = verify.DEFAULT_WINDOW, echo: Echo = _quiet) -> RepairResult:
-    """Cut every live Data.fs at its published TID (see the module docstring)."""
+               window: float = verify.DEFAULT_WINDOW, force_cut: bool = False,
+               echo: Echo = _quiet) -> RepairResult:
+    """Cut every live Data.fs at its published TID (see the module docstring).
+
+    Resumable: the plan (the cut points, what to prune) is written durably
+    beside every Data.fs (``Data.fs.repair-plan``) before anything is
+    changed, and removed when the repair is done.  A run that finds a plan
+    replays it -- never a new plan over a half-cut set, which would choose
+    another point -- checking at each step what is already done; a safety
+    copy is never overwritten (an existing one must be the file's copy).
+    """
     storages = _repair_storages(config)
-    if tidlog is None:
-        tidlog = require(config.server.status_file, "server.status_file",
-                         "repair (or give a TID log with -t)")
-    tids = _read_tids(tidlog, storages, echo)
     missing = [f"storage {s}: {st.data_fs} does not exist" for s, st in sorted(storages.items())
                if not st.data_fs.exists()]
     if missing:
         raise ToolError("\n".join(missing + ["nothing was changed"]))
-    result = RepairResult(tidlog=tidlog)
     locks: list[Lock] = []
     try:
         for s, st in sorted(storages.items()):
             locks.append(Lock(Path(f"{st.data_fs}.lock"),
                               f"storage {s}: {st.data_fs} is in use by a running process (stop "
                               "its ZEO server or application first)"))
-        paths = {s: st.data_fs for s, st in storages.items()}
-        try:
-            cuts, _report = decide_cuts(paths, tids, window=window, echo=echo)
-        except ScanError as exc:
-            raise ToolError(f"cannot read {exc.path}: {exc}; nothing was changed") from None
-        result.cuts = cuts
-        # Blob files to prune, and refusals, before anything is written.
-        prune_plan: dict[str, list] = {}
-        refusals = []
-        for s, d in sorted(cuts.items()):
-            echo(_describe_cut(d))
-            safety = Path(f"{d.path}{SAFETY_SUFFIX}")
-            if safety.exists():
-                result.leftovers.append(safety)
-            if d.changes and safety.exists():
-                refusals.append(
-                    f"storage {s}: a safety copy from an earlier repair exists: {safety}. "
-                    "It is never overwritten: check that storage (and keep the copy if in "
-                    "doubt, elsewhere), then delete or move it away, and run repair again")
-            blob_dir = storages[s].blob_dir
-            if blob_dir is not None:
-                if Path(f"{blob_dir}{SAFETY_SUFFIX}").exists():
-                    result.leftovers.append(Path(f"{blob_dir}{SAFETY_SUFFIX}"))
-                doomed = blobs.prune(blob_dir, d.point.last_tid, dry_run=True)
-                if doomed.files:
-                    prune_plan[s] = doomed.files
-                    moved = Path(f"{blob_dir}{SAFETY_SUFFIX}")
-                    if moved.exists():
-                        refusals.append(
-                            f"storage {s}: {moved} (blob files pruned by an earlier repair) "
-                            "exists: check, then delete or move it away, and run repair again")
-        if refusals:
-            raise ToolError("\n".join(refusals + ["nothing was changed"]))
-        todo = [d for d in cuts.values() if d.changes]
-        for d in sorted(todo, key=lambda d: d.id):
-            safety = Path(f"{d.path}{SAFETY_SUFFIX}")
+        plan = _read_plan(storages)
+        if plan is not None:
+            result = RepairResult(tidlog=Path(plan["tidlog"]))
+            echo(f"resuming the interrupted repair planned at "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(plan['created']))} UTC "
+                 f"from {plan['tidlog']} (its cut points are kept"
+                 + (f"; -t {tidlog} is ignored)" if tidlog else ")"))
+        else:
+            if tidlog is None:
+                tidlog = require(config.server.status_file, "server.status_file",
+                                 "repair (or give a TID log with -t)")
+            tids = _read_tids(tidlog, storages, echo)
+            result = RepairResult(tidlog=tidlog)
+            plan = _make_plan(storages, tids, tidlog, window, force_cut, echo, result)
+            if plan is not None:
+                _write_plans(plan, [_plan_path(st.data_fs) for st in storages.values()])
+        if plan is not None:
+            _execute_plan(plan, [_plan_path(st.data_fs) for st in storages.values()], echo,
+                          result)
             try:
-                size, digest = safety_copy(d.path, safety)
-            except (OSError, ToolError) as exc:
-                for p in result.safety_copies.values():  # copies of files left untouched
-                    p.unlink(missing_ok=True)
-                why = _err(exc) if isinstance(exc, OSError) else str(exc)
-                raise ToolError(f"storage {d.id}: cannot make the safety copy {safety}: "
-                                f"{why}; nothing was changed") from None
-            result.safety_copies[d.id] = safety
-            echo(f"storage {d.id}: safety copy {safety} ({size} bytes, sha256 {digest[:16]}...) "
-                 "checked")
-        for d in sorted(todo, key=lambda d: d.id):
-            fsscan.truncate_at(d.path, d.point.offset)
-            echo(f"storage {d.id}: {d.path} cut to {d.point.offset} bytes")
-        for s, files in sorted(prune_plan.items()):
-            blob_dir = storages[s].blob_dir
-            moved = Path(f"{blob_dir}{SAFETY_SUFFIX}")
-            pruned = blobs.prune(blob_dir, cuts[s].point.last_tid, move_to=moved)
-            result.pruned_blobs[s] = len(pruned.files)
-            result.pruned_to[s] = moved
-            echo(f"storage {s}: moved {len(pruned.files)} blob file(s) newer than the cut to "
-                 f"{moved}")
-        try:
-            confirm_cuts(cuts, window=window, echo=echo)
-        except ToolError as exc:
-            echo(f"ERROR: {exc}")
-            result.coherent = False
+                confirm_cuts(result.cuts, window=window, echo=echo)
+            except ToolError as exc:
+                echo(f"ERROR: {exc}")
+                result.coherent = False
+            for st in storages.values():  # done: a new run plans anew
+                _plan_path(st.data_fs).unlink(missing_ok=True)
+                blobs.fsync_dir(st.data_fs.parent)
     finally:
         for lock in locks:
             lock.release()
