@@ -228,6 +228,9 @@ def test_bad_inputs_fail_and_change_nothing(copy, tmp_path):
     # a storage missing from the TID log
     partial = tmp_path / "partial.tid"
     site.publish({"a": 1, "b": 2}, path=partial)
+    _fails_cleanly(site, ["-t", partial], f"TID log {partial} has no identity", tmp_path)
+    r = run_cli("adopt", "-c", site.config, "--tidlog", partial)
+    assert r.returncode == 0, r.stdout + r.stderr
     _fails_cleanly(site, ["-t", partial], "storage(s) c missing from TID log", tmp_path)
     # no backup before --date
     _fails_cleanly(site, ["--date", "2001-01-01"], "no backup at or before 2001-01-01-00-00-00",

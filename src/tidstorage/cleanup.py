@@ -31,9 +31,11 @@ from .backup import (
     Lock,
     TIMESTAMP_RE,
     blob_backup_dir,
+    check_identities,
     data_files,
     require,
     tidlog_copies,
+    tidlog_identity_path,
 )
 from .config import Config, ConfigError
 
@@ -76,8 +78,11 @@ def plan_cleanup(config: Config, keep: int | None = None) -> CleanupPlan:
     if keep < 1:
         raise ConfigError(f"--keep must be at least 1, not {keep}")
     plan = CleanupPlan(keep=keep)
+    for st in config.storages.values():
+        require(st.backup_dir, f"storages.{st.name}.backup_dir", "cleanup")
+    check_identities(config, for_what="cleanup")  # never another set's files
     for sid, st in sorted(config.storages.items()):
-        repo = require(st.backup_dir, f"storages.{st.name}.backup_dir", "cleanup")
+        repo = st.backup_dir
         fulls = [n for n in data_files(repo) if n.endswith(FULL_EXTS)]
         if not fulls:
             plan.oldest_kept[sid] = None
@@ -104,7 +109,11 @@ def plan_cleanup(config: Config, keep: int | None = None) -> CleanupPlan:
         copies = tidlog_copies(config.backup.status_file_backup_dir, base)
         anchor = [ts for ts, _ in copies if ts <= horizon]
         if anchor:
-            plan.delete += [p for ts, p in copies if ts < anchor[-1]]
+            for ts, p in copies:
+                if ts < anchor[-1]:
+                    plan.delete.append(p)
+                    if tidlog_identity_path(p).exists():
+                        plan.delete.append(tidlog_identity_path(p))
     plan.bytes = sum(_size(p) for p in plan.delete)
     return plan
 

@@ -164,10 +164,13 @@ def backup(config_path, full, gzip, quick, jobs, as_json):
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Restore as DIR/<storage id>.fs and DIR/<storage id>.blobs/ (the id "
                    "quoted into a safe file name: letters, digits, -_. stay, the rest %XX).")
-@click.option("--force", is_flag=True, help="Replace existing files.")
+@click.option("--force", is_flag=True, help="Replace existing files (each is kept as "
+              "<file>.before-restore, and so is a replaced blob directory).")
 @click.option("--jobs", type=click.IntRange(min=1), help="Storages recovered at once.")
 @_WINDOW
-def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window):
+@_FORCE_CUT
+def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
+            force_cut):
     """Restore every storage from its backups, cut coherently."""
     from .backup import parse_date
     from .restore import CACHE_NOTE, run_restore
@@ -184,7 +187,7 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         result = run_restore(
             config, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
             output_dir=output_dir.resolve() if output_dir else None, force=force,
-            check=check, window=window, jobs=jobs, echo=click.echo)
+            check=check, window=window, jobs=jobs, force_cut=force_cut, echo=click.echo)
     if check:
         if not result.ok:
             _fail("check FAILED: a restored file is longer than, or differs from, the live one")
@@ -351,7 +354,39 @@ def cleanup(config_path, keep, dry_run):
         run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
 
 
+# -- adopt -----------------------------------------------------------------
+
+
+@click.command()
+@_CONFIG
+@click.option("--tidlog", "tidlogs", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also adopt this TID log file (repeatable): restore -t accepts it then.")
+@click.option("--force", is_flag=True, help="Adopt a repository whose newest full backup does "
+              "not start like the live Data.fs (after a pack).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be adopted.")
+def adopt(config_path, tidlogs, force, dry_run):
+    """Give this set's existing backups an identity, once.
+
+    Repositories and TID log copies made before identities existed (or by
+    the legacy tool) are refused by backup, restore and cleanup until
+    adopted. Refuses what already belongs to another set or storage.
+    """
+    from .backup import adopt as run_adopt
+
+    config = _load(config_path)
+    with _Errors():
+        res = run_adopt(config, tidlogs=[p.resolve() for p in tidlogs], force=force,
+                        dry_run=dry_run)
+    verb = "would adopt" if dry_run else "adopted"
+    click.echo(f"backup set {res.set_id}" + (" (new)" if res.created_set else ""))
+    for p in res.adopted:
+        click.echo(f"{verb} {p}")
+    for p in res.kept:
+        click.echo(f"already this set's: {p}")
+
+
 def register_tools(main: click.Group) -> None:
     """Add the operator commands to the ``tidstorage`` group."""
-    for command in (backup, restore, repair, verify, cleanup):
+    for command in (backup, restore, repair, verify, cleanup, adopt):
         main.add_command(command)

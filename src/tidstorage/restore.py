@@ -61,6 +61,8 @@ from .backup import (
     Lock,
     ToolError,
     blob_backup_dir,
+    check_identities,
+    check_tidlog_identity,
     data_files,
     id_filename,
     parse_date,
@@ -95,6 +97,8 @@ CACHE_NOTE = (
 
 #: Suffix of repair's safety copy of a Data.fs (and of the pruned blobs dir).
 SAFETY_SUFFIX = ".before-repair"
+#: Suffix under which restore keeps a file (or blob directory) it replaces.
+RESTORE_SAFETY_SUFFIX = ".before-restore"
 _RESTORE_TMP = ".tidstorage-restore"
 
 
@@ -508,6 +512,14 @@ def _refuse_overwrite(plans: dict[str, StorageRestore], force: bool) -> None:
                           "not empty (use --force to replace it)")
         if r.target.is_dir():
             errors.append(f"storage {r.id}: {r.target} is a directory")
+        for what, old in (("file", r.target), ("blob directory", r.blob_target)):
+            if old is None or not os.path.lexists(old):
+                continue
+            kept = Path(f"{old}{RESTORE_SAFETY_SUFFIX}")
+            if os.path.lexists(kept):
+                errors.append(f"storage {r.id}: {kept} (the {what} an earlier restore "
+                              "replaced) exists: it is never overwritten; check it, then "
+                              "delete or move it away")
     if errors:
         raise ToolError("\n".join(errors + ["nothing was changed"]))
 
@@ -547,6 +559,17 @@ def _install(r: StorageRestore) -> None:
     blobs.fsync_file(r.tmp)  # repozo -R does not fsync what it writes
     for suffix in (".index", ".index.index_tmp"):
         Path(f"{r.target}{suffix}").unlink(missing_ok=True)
+    if os.path.lexists(r.target):  # keep what is replaced: a hard link, the same bytes
+        kept = Path(f"{r.target}{RESTORE_SAFETY_SUFFIX}")
+        size = r.target.stat().st_size
+        try:
+            os.link(r.target, kept)
+        except OSError:  # no hard links here: a checked copy
+            safety_copy(r.target, kept)
+        if not (kept.stat().st_size == size and os.path.samefile(kept, r.target)
+                or _same_bytes(kept, r.target)):
+            raise ToolError(f"storage {r.id}: the safety copy {kept} of {r.target} does not "
+                            "match it")
     blobs.fsync_dir(parent)
     os.replace(r.tmp, r.target)
     tmp_index = Path(f"{r.tmp}.index")
@@ -554,14 +577,13 @@ def _install(r: StorageRestore) -> None:
         os.replace(tmp_index, f"{r.target}.index")
     blobs.fsync_dir(parent)
     if r.blob_tmp is not None and r.blob_tmp.exists():
-        old = None
-        if r.blob_target.exists():
-            old = r.blob_target.with_name(f".{r.blob_target.name}.replaced-{os.getpid()}")
-            os.rename(r.blob_target, old)
+        if os.path.lexists(r.blob_target):
+            if r.blob_target.is_dir() and not any(r.blob_target.iterdir()):
+                r.blob_target.rmdir()
+            else:
+                os.rename(r.blob_target, f"{r.blob_target}{RESTORE_SAFETY_SUFFIX}")
         os.rename(r.blob_tmp, r.blob_target)
         blobs.fsync_dir(r.blob_target.parent)
-        if old is not None:
-            shutil.rmtree(old)
 
 
 def _digest(path: Path, length: int) -> str:
@@ -614,8 +636,15 @@ def _compare(r: StorageRestore, echo: Echo) -> bool:
 def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None = None,
                 no_cut: bool = False, output_dir: Path | None = None, force: bool = False,
                 check: bool = False, window: float = verify.DEFAULT_WINDOW,
-                jobs: int | None = None, echo: Echo = _quiet) -> RestoreResult:
+                jobs: int | None = None, force_cut: bool = False,
+                echo: Echo = _quiet) -> RestoreResult:
     """Restore every storage (see the module docstring).
+
+    The repositories and the TID log must be this set's (see "Identity" in
+    :mod:`tidstorage.backup`); a cut lowered by more than
+    :data:`MAX_CUT_LOWERING` needs ``force_cut``; an existing file (or blob
+    directory) is replaced only with ``force``, after it was kept as
+    ``<file>.before-restore`` (a hard link: the same bytes).
 
     Raises :class:`ToolError` (nothing changed) or ConfigError.  With
     ``check``, restores into temporary directories beside the live files,
@@ -625,10 +654,14 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     _check_config(config, output_dir=output_dir, check=check, date=date, no_cut=no_cut,
                   tidlog=tidlog)
     date = _choose_date(config, date, echo)
+    set_id = check_identities(config, for_what="restore")
     tids = None
     log_path = None
     if not no_cut:
         log_path = _choose_tidlog(config, date, tidlog)
+        if not log_path.exists():
+            raise ToolError(f"TID log {log_path} does not exist")
+        check_tidlog_identity(config, log_path, set_id, chosen=tidlog is None)
         tids = _read_tids(log_path, config.storages, echo)
     elif tidlog is not None:
         raise ConfigError("-t/--tidlog makes no sense with --no-cut")
@@ -661,7 +694,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                     locks.append(Lock(Path(f"{r.target}.lock"),
                                       f"storage {r.id}: {r.target} is in use, stop its "
                                       "server first"))
-            _restore_all(config, plans, date, tids, window, jobs, echo, result)
+            _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut)
         finally:
             for lock in locks:
                 lock.release()
@@ -674,7 +707,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _restore_all(config, plans, date, tids, window, jobs, echo, result) -> None:
+def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut) -> None:
     try:
         workers = max(1, min(jobs or os.cpu_count() or 1, len(plans)))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
@@ -695,7 +728,8 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result) -> None:
                  + (f" and {r.blob_files} blob file(s) from {r.snapshot}" if r.snapshot else ""))
         paths = {s: r.tmp for s, r in plans.items()}
         if tids is not None:
-            cuts, _report = decide_cuts(paths, tids, window=window, echo=echo)
+            cuts, _report = decide_cuts(paths, tids, window=window, echo=echo,
+                                        force_cut=force_cut)
             for s, d in cuts.items():
                 echo(_describe_cut(d, plans[s].target))
                 plans[s].cut = d
