@@ -343,10 +343,11 @@ def verify(config_path, files, tidlog, compute, as_json, window):
 @click.command()
 @_CONFIG
 @click.option("--keep", type=click.IntRange(min=1),
-              help="Full backups to keep per storage (default: backup.keep_full_backups).")
+              help="Keep the recorded backups from the N-th newest full recorded one on "
+                   "(default: backup.keep_full_backups).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
 def cleanup(config_path, keep, dry_run):
-    """Delete backups older than the newest N full backups."""
+    """Delete what the newest recorded backups do not need; prune timestamp_file."""
     from .cleanup import run_cleanup
 
     config = _load(config_path)

@@ -69,6 +69,7 @@ from .backup import (
     read_timestamps,
     repozo_argv,
     require,
+    tidlog_copies,
 )
 from .config import Config, ConfigError, StorageConfig
 from .fsscan import CutPoint, ScanError
@@ -330,32 +331,68 @@ class RestoreResult:
         return sorted(s for s, r in self.storages.items() if r.cut and r.cut.lowered)
 
 
-def _choose_date(config: Config, date: str | None, echo: Echo) -> str:
+def backup_problems(config: Config, date: str, *, tidlog_copy: bool = True) -> list[str]:
+    """Why the recorded backup ``date`` cannot be restored (empty: it can):
+    repository files (checked against the ``.dat``), blob snapshots, and,
+    with ``tidlog_copy``, the TID log copy it cuts at."""
+    out = []
+    for sid, st in sorted(config.storages.items()):
+        try:
+            _repository_files(sid, st.backup_dir, date)
+        except ToolError as exc:
+            out.append(str(exc))
+        if st.blob_dir is not None and blobs.latest_snapshot(
+                blob_backup_dir(st.backup_dir), at_most=date) is None:
+            out.append(f"storage {sid}: no blob backup at or before {date} in "
+                       f"{blob_backup_dir(st.backup_dir)}")
+    directory = config.backup.status_file_backup_dir
+    if tidlog_copy and directory is not None:
+        base = config.server.status_file.name if config.server.status_file else None
+        if not [ts for ts, _ in tidlog_copies(directory, base) if ts <= date]:
+            out.append(f"no TID log copy at or before {date} in {directory}")
+    return out
+
+
+def _choose_date(config: Config, date: str | None, echo: Echo, *,
+                 tidlog_copy: bool = True) -> str:
     stamps = read_timestamps(config.backup.timestamp_file)
     if date is None:
         if not stamps:
             raise ToolError(f"no backup recorded in timestamp file "
                             f"{config.backup.timestamp_file}: give --date")
-        return stamps[-1]
-    wanted = parse_date(date)
-    if not stamps:
-        echo(f"note: no backup recorded in {config.backup.timestamp_file}; "
-             f"restoring the repositories as of {wanted}")
-        return wanted
-    before = [t for t in stamps if t <= wanted]
-    if not before:
-        raise ToolError(f"no backup at or before {wanted} (the oldest in "
-                        f"{config.backup.timestamp_file} is {stamps[0]})")
-    if before[-1] != wanted:
-        echo(f"restoring the last complete backup at or before {wanted}: {before[-1]}")
-    return before[-1]
+        chosen = stamps[-1]
+    else:
+        wanted = parse_date(date)
+        if not stamps:
+            echo(f"note: no backup recorded in {config.backup.timestamp_file}; "
+                 f"restoring the repositories as of {wanted}")
+            return wanted
+        before = [t for t in stamps if t <= wanted]
+        if not before:
+            raise ToolError(f"no backup at or before {wanted} (the oldest in "
+                            f"{config.backup.timestamp_file} is {stamps[0]}; older ones "
+                            "were removed by cleanup, or never made)")
+        chosen = before[-1]
+    problems = backup_problems(config, chosen, tidlog_copy=tidlog_copy)
+    if problems:
+        others = [t for t in stamps if t != chosen
+                  and not backup_problems(config, t, tidlog_copy=tidlog_copy)]
+        hint = (f"restorable recorded backups: {', '.join(others[-5:])}"
+                + (" (and older)" if len(others) > 5 else "") + " (use --date)"
+                if others else "no recorded backup is restorable")
+        raise ToolError("\n".join(
+            [f"backup {chosen}, recorded in {config.backup.timestamp_file}, cannot be "
+             "restored any more:"] + [f"  {p}" for p in problems]
+            + [f"its files were deleted or damaged since it was recorded; {hint}; "
+               "`tidstorage cleanup` removes such entries; nothing was changed"]))
+    if date is not None and chosen != parse_date(date):
+        echo(f"restoring the last complete backup at or before {parse_date(date)}: {chosen}")
+    return chosen
 
 
 def _choose_tidlog(config: Config, date: str, tidlog: Path | None) -> Path:
     if tidlog is not None:
         return tidlog
-    from .backup import tidlog_copies
-
     directory = config.backup.status_file_backup_dir
     base = config.server.status_file.name if config.server.status_file else None
     copies = [p for ts, p in tidlog_copies(directory, base) if ts <= date]
@@ -653,8 +690,8 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     """
     _check_config(config, output_dir=output_dir, check=check, date=date, no_cut=no_cut,
                   tidlog=tidlog)
-    date = _choose_date(config, date, echo)
     set_id = check_identities(config, for_what="restore")
+    date = _choose_date(config, date, echo, tidlog_copy=not no_cut and tidlog is None)
     tids = None
     log_path = None
     if not no_cut:
