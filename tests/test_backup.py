@@ -129,6 +129,24 @@ def test_no_tid_log_no_backup(tmp_path):
     assert data_files(site.repo("a")) == []
 
 
+def test_a_corrupt_tid_log_is_not_backed_up(tmp_path):
+    """A corrupt record in the middle of the daemon's TID log (issue 9.9):
+    the backup refuses, naming the file and the line, and leaves no copy."""
+    site = Site(tmp_path / "site", ("a",), blobs=False)
+    with site:
+        site.commit()
+        site.publish()
+        site.publish()
+    lines = site.tidlog.read_bytes().splitlines(keepends=True)
+    site.tidlog.write_bytes(lines[0][:-10] + b"0" * 9 + b"\n" + lines[1])
+    r, _ = _backup(site)
+    assert r.returncode == 1
+    assert f"TID log {site.tidlog} (server.status_file) is corrupt: corrupt record" in r.stderr
+    assert "(line 1)" in r.stderr and "tidstorage log recover" in r.stderr
+    assert tidlog_copies(site.root / "backups" / "tidlog") == []
+    assert not site.timestamp_file.exists()
+
+
 def test_bad_config_exits_2(tmp_path):
     site = Site(tmp_path / "site", ("a", "b"), blobs=False)
     text = site.config.read_text()

@@ -68,7 +68,7 @@ import zc.lockfile
 
 from . import blobs
 from .config import Config, ConfigError
-from .tidlog import read_log
+from .tidlog import TidLogError, read_log
 
 __all__ = [
     "ToolError",
@@ -667,7 +667,13 @@ def _copy_tidlog(config: Config, name: str, result: BackupResult, set_id: str) -
                        sha256=hashlib.sha256(data).hexdigest())
     except OSError as exc:
         raise ToolError(f"cannot copy the TID log to {dest}: {exc.strerror or exc}") from None
-    tids = read_log(dest).final_tids()
+    try:
+        tids = read_log(dest).final_tids()
+    except TidLogError as exc:  # a corrupt record in the middle: its points are wrong
+        dest.unlink()
+        tidlog_identity_path(dest).unlink()
+        raise ToolError(f"TID log {log} (server.status_file) is corrupt: {exc.reason} "
+                        f"(line {exc.lineno}); no backup made") from None
     missing = sorted(set(config.storages) - set(tids))
     if missing:
         result.warnings.append(

@@ -8,20 +8,24 @@ storage's TID in a TID log (:func:`tidstorage.fsscan.find_cut`: a backward
 walk from the end).  Then the stamps in the files' tails are checked
 (:func:`tidstorage.verify.check`): if the TID log's point splits a
 multi-storage transaction (a stale or damaged log), the cut is lowered to the
-largest coherent one, and the output says so.  After cutting, the files are
-checked again.  Blob files of the revisions dropped by the cut are pruned.
+largest coherent one, and the output says so -- by at most
+:data:`MAX_CUT_LOWERING` without ``--force-cut``.  After cutting, the files
+are checked again.  Blob files of the revisions dropped by the cut are pruned.
 
 Restore
 -------
 
 From the repozo repositories, as of the last backup recorded in
 ``timestamp_file`` (or the last one at or before ``--date``); with the TID
-log copy saved by that backup (or ``-t``).  Everything is checked before
-anything is written (repository files listed by repozo's ``.dat`` present
+log copy saved by that backup (or ``-t``).  The repositories and the TID
+log must be this set's (see "Identity" in :mod:`tidstorage.backup`).
+Everything is checked before anything is written (the recorded backup still
+restorable, repository files listed by repozo's ``.dat`` present
 and of the right size; the checksums are verified by ``repozo -R -w`` while
 it recovers, which costs no extra read).  Each storage is recovered into a
 temporary file in the destination directory, cut, then renamed over the
-destination (``--force`` needed if it exists); the stale ``.index`` is
+destination (``--force`` needed if it exists, which is then kept as
+``<file>.before-restore``, a hard link); the stale ``.index`` is
 removed first, so a restored ``Data.fs`` never sits beside an index of
 another file.  Any failure removes the temporary files: the destination is
 as it was.
@@ -35,8 +39,9 @@ storage's ``Data.fs.lock``; the locks are held during the repair.  Before a
 file is cut, it is copied to ``Data.fs.before-repair`` and the copy is
 checked (size, SHA-256 read back from disk); pruned blob files are moved to
 ``<blob_dir>.before-repair``.  A leftover safety copy is never overwritten:
-the repair refuses and says what to do.  Re-running a finished repair
-changes nothing.
+the repair refuses and says what to do.  Resumable: the plan is recorded
+beside each ``Data.fs`` before anything changes, and a re-run replays it
+(see :func:`run_repair`).  Re-running a finished repair changes nothing.
 """
 
 from __future__ import annotations
