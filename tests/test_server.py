@@ -283,6 +283,11 @@ def test_bootstrap_waits_for_zeo_and_then_publishes(tmp_path, zeo_factory):
             assert tids["one"] > 5
         assert "bootstrap started" in d.log()
         assert "bootstrap complete" in d.log()
+        # the TID log is written at the next tick: wait for it before the kill
+        deadline = time.monotonic() + 20
+        while read_log(d.status_file).final_tids() != tids:
+            assert time.monotonic() < deadline, (read_log(d.status_file).final_tids(), tids)
+            time.sleep(0.05)
     finally:
         d.kill()
     # After a restart the reloaded state is served, but nothing new is

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import protocol as p
+from .coordinator import Peer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Daemon
@@ -71,7 +72,7 @@ class Connection(asyncio.Protocol):
     """One client connection (see the module docstring for scheduling)."""
 
     __slots__ = (
-        "daemon", "transport", "peer", "decoder", "authenticated", "closing", "begun",
+        "daemon", "transport", "peer", "decoder", "authenticated", "closing",
         "backlog", "write_paused",
     )
 
@@ -80,19 +81,18 @@ class Connection(asyncio.Protocol):
         self.decoder = p.Decoder()
         self.authenticated = daemon.listen.auth_token is None
         self.closing = False
-        self.peer = "?"
+        self.peer = Peer("?")  # the coordinator's view of this connection
         self.transport = None
-        self.begun: set[str] = set()  # transactions this connection began
         self.backlog: collections.deque[bytes] = collections.deque()
         self.write_paused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.daemon._connections.add(self)
-        log.debug("%s: connected", self.peer)
+        self.daemon.connection_made(self)
+        log.debug("%s: connected", self.peer.name)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -152,15 +152,14 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.drain()
         if self.decoder.pending:
-            log.warning("%s: disconnected in the middle of a command (ignored)", self.peer)
+            log.warning("%s: disconnected in the middle of a command (ignored)", self.peer.name)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.drain()
         self.closing = True
-        self.daemon._connections.discard(self)
         self.daemon.connection_closed(self)
-        log.debug("%s: disconnected", self.peer)
+        log.debug("%s: disconnected", self.peer.name)
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -41,6 +41,16 @@ Extensions (legacy clients never send them, so they see no difference):
     The client does not know whether its transaction finished everywhere
     (a ``tpc_finish`` failed after another succeeded): the daemon resolves it
     from the stamps in the storages. No reply.
+``HELLO`` session id, secret, pid, host
+    Sent by tidstorage clients first (after ``AUTH``): who this process is.
+    A process keeps its session id and secret across reconnections, so the
+    daemon knows the transactions it re-declares are its own. Reply: one
+    field, the daemon's id (random per daemon process): a client reaching
+    the same daemon under two addresses uses one connection.
+
+``SYNC`` replies ``0`` instead of ``1`` when a ``BEGIN`` received since the
+previous ``SYNC`` on the connection was refused (a rule, a budget, an
+unknown storage): the client's commit is then not registered.
 
 Malformed input (an unknown command, a bad count or integer, an over-long
 field, bytes that are not UTF-8) cannot be resynchronised: the decoder emits
@@ -80,6 +90,7 @@ SYNC = "SYNC"  # (SYNC,)
 AUTH = "AUTH"  # (AUTH, token: str)
 LOST = "LOST"  # (LOST, storages: list[str])
 INDOUBT = "INDOUBT"  # (INDOUBT, txn: str)
+HELLO = "HELLO"  # (HELLO, session: str, secret: str, pid: int, host: str)
 ERROR = "ERROR"  # (ERROR, message: str): malformed input; close the connection
 
 _SIMPLE = {
@@ -260,6 +271,16 @@ class Decoder:
                         raise _Incomplete
                     append((INDOUBT, _text(fields[i + 1], "transaction id")))
                     i += 2
+                elif name == "HELLO":
+                    if i + 4 >= n:
+                        raise _Incomplete
+                    session = _text(fields[i + 1], "session id")
+                    secret = _text(fields[i + 2], "session secret")
+                    pid = fields[i + 3]
+                    if not (pid.isascii() and pid.isdigit()) or len(pid) > 10:
+                        raise ProtocolError(f"HELLO pid is not a number: {pid[:40]!r}")
+                    append((HELLO, session, secret, int(pid), _text(fields[i + 4], "host name")))
+                    i += 5
                 elif name == "LOST":
                     if i + 1 >= n:
                         raise _Incomplete
@@ -330,6 +351,16 @@ def encode_in_doubt(txn: str) -> bytes:
     return b"INDOUBT\n" + _field(txn) + b"\n"
 
 
+def encode_hello(session: str, secret: str, pid: int, host: str) -> bytes:
+    return b"HELLO\n" + b"\n".join(
+        [_field(session), _field(secret), b"%d" % pid, _field(host or "?"), b""])
+
+
+def encode_field(value: str) -> bytes:
+    """One reply field (the HELLO reply)."""
+    return _field(value) + b"\n"
+
+
 DUMP_REQUEST = b"DUMP\n"
 BOOTSTRAPED_REQUEST = b"BOOTSTRAPED\n"
 SYNC_REQUEST = b"SYNC\n"
@@ -360,6 +391,12 @@ class ReplyReader:
             return int(field)
         except ValueError:
             raise ProtocolError(f"expected an integer reply, got {field[:40]!r}") from None
+
+    def read_field(self) -> str | None:
+        """The next reply field as text (the HELLO reply), or None."""
+        if not self._fields:
+            return None
+        return _text(self._fields.pop(0).decode("utf-8", "replace"), "reply field")
 
     def read_dict(self) -> dict[str, int] | None:
         """The next dict reply, or None if not wholly received yet."""

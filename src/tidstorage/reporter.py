@@ -1,41 +1,47 @@
 """The application side of the protocol: report commits, never fail them.
 
-One :class:`Reporter` per daemon address per process, shared by every
-wrapped storage and every thread (:func:`get_reporter`). Contract:
+A threaded socket shell around :class:`~.session.ClientSession` (the rules
+are there). One :class:`Reporter` per daemon per process, shared by every
+wrapped storage and every thread (:func:`get_reporter`):
 
-* ``begin(txn, storages)`` sends ``BEGIN`` + ``SYNC`` at once and returns a
-  ticket; ``confirm(ticket)`` waits for the ``SYNC`` reply, which proves the
-  daemon has registered the transaction. The storage wrapper calls it before
-  the first ``tpc_finish``.
-* ``commit``/``abort``/``single`` are fire-and-forget and batched: they go
-  out with the next ``BEGIN`` or within :data:`FLUSH_DELAY` (one send, one
-  daemon wake-up for many reports; publication is delayed that much at
-  most). ``in_doubt`` is sent at once.
-* Nothing here raises into the application. The daemon down, slow or gone
-  mid-commit costs at most ``timeout`` seconds once: a confirmation that
-  does not come in time drops the connection, and until a background thread
-  has reconnected nothing waits at all.
-* A multi-storage transaction whose BEGIN could not be confirmed is a *lost
-  report*: the daemon may have published a point in the middle of it. Its
-  storages are remembered and sent as ``LOST`` first thing on the next
-  connection; the daemon then freezes them and re-checks them by itself
-  (see ``server.py``). Lost single-storage reports are harmless (a cut can
-  not split a transaction that lives in one storage) and are not tracked.
-* One log line when the daemon is lost, one when it is back.
+* the commit path calls :meth:`Reporter.begin` when a multi-storage commit
+  is sealed and :meth:`Reporter.confirm` before its first ``tpc_finish``;
+  ``confirm`` waits at most ``timeout`` for the daemon to register the
+  transaction, and only when connected: the daemon down, slow or gone costs
+  at most ``timeout`` once (a confirmation that does not come in time drops
+  the connection), and until a background thread has reconnected nothing
+  waits at all;
+* ``COMMIT``/``ABORT``/single-storage reports are batched: they go out with
+  the next ``BEGIN`` or within :data:`FLUSH_DELAY`, followed by a ``SYNC``
+  whose reply acknowledges them (unacknowledged reports are sent again on
+  the next connection); ``INDOUBT`` goes at once;
+* every connection starts with ``HELLO`` and re-declares what is in flight
+  (``session.py``); two configured addresses that reach the same daemon
+  (the daemon's id learnt in the handshake, not DNS) share one connection:
+  the second reporter becomes an alias of the first, and the longer of
+  their timeouts is used;
+* :meth:`Reporter.close` (when the last wrapped storage using it closes, and
+  at interpreter exit) sends what is batched, then ``QUIT``, bounded by
+  ``timeout``; a forked child gets fresh reporters (``os.register_at_fork``).
+* Nothing here raises into the application; one log line when the daemon is
+  lost, one when it is back.
 """
 
 from __future__ import annotations
 
-import collections
+import atexit
 import logging
+import os
 import socket
 import ssl
 import threading
 import time
+import weakref
 from typing import Iterable, Mapping
 
 from . import protocol as p
 from .client import open_socket
+from .session import ClientSession
 
 log = logging.getLogger("tidstorage.reporter")
 
@@ -43,27 +49,10 @@ DEFAULT_TIMEOUT = 1.0
 #: Reconnection backoff: first and longest wait between attempts (seconds).
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
+#: Receive buffer of the reporter's socket (replies are a few bytes each).
 RECV_BYTES = 64 * 1024
 #: Longest delay of a batched fire-and-forget report (seconds).
 FLUSH_DELAY = 0.01
-
-
-class Ticket:
-    """A pending BEGIN confirmation."""
-
-    __slots__ = ("event", "ok", "storages", "txn", "bounds", "generation")
-
-    def __init__(self, txn: str, storages: tuple[str, ...], bounds) -> None:
-        self.event = threading.Event()
-        self.ok = False
-        self.txn = txn
-        self.storages = storages
-        self.bounds = bounds
-        self.generation = -1  # the connection it was sent on
-
-    def settle(self, ok: bool) -> None:
-        self.ok = ok
-        self.event.set()
 
 
 class Reporter:
@@ -77,118 +66,125 @@ class Reporter:
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._auth_token = auth_token
         self._ssl = ssl_context
+        self._pid = os.getpid()
+        self.session = ClientSession(pid=self._pid, host=socket.gethostname(),
+                                     auth_token=auth_token)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._sock: socket.socket | None = None
-        self._waiters: collections.deque[Ticket] = collections.deque()
-        self._lost: set[str] = set()
-        self._first_attempt = threading.Event()  # set after the first connect attempt
+        self._first_attempt = threading.Event()
         self._was_up = False
         self._down_logged = False
         self._closed = False
-        self._generation = 0  # counts connections
-        self._pending: list[bytes] = []  # batched reports, sent in order
+        self._users = 0
+        #: set when another reporter reaches the same daemon: use that one
+        self.alias_of: Reporter | None = None
         self._flush_wanted = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"tidstorage-reporter-{address[0]}:{address[1]}", daemon=True
-        )
+        name = f"{address[0]}:{address[1]}"
+        self._thread = threading.Thread(target=self._run, name=f"tidstorage-reporter-{name}",
+                                         daemon=True)
+        self._flusher = threading.Thread(target=self._flush_loop,
+                                         name=f"tidstorage-flush-{name}", daemon=True)
+        _all.add(self)
         self._thread.start()
-        self._flusher = threading.Thread(
-            target=self._flush_loop, name=f"tidstorage-flush-{address[0]}:{address[1]}", daemon=True
-        )
         self._flusher.start()
 
     # -- the application's side -------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._sock is not None
+        return self.target()._sock is not None
 
-    def lost_storages(self) -> set[str]:
-        with self._lock:
-            return set(self._lost)
+    def target(self) -> "Reporter":
+        """The reporter that really talks to this daemon (see aliases)."""
+        reporter = self
+        while reporter.alias_of is not None:
+            reporter = reporter.alias_of
+        return reporter
 
-    def begin(
-        self, txn: str, storages: Iterable[str], bounds: Mapping[str, int] | None = None
-    ) -> Ticket:
-        ticket = Ticket(txn, tuple(storages), bounds)
-        self._send_begin(ticket)
-        return ticket
-
-    def _send_begin(self, ticket: Ticket) -> None:
+    def begin(self, txn: str, storages: Iterable[str], bounds: Mapping[str, int]) -> None:
         self._wait_first_attempt()
-        data = p.encode_begin(ticket.txn, ticket.storages, ticket.bounds) + p.SYNC_REQUEST
         with self._lock:
-            if self._sock is not None:
-                ticket.generation = self._generation
-                self._waiters.append(ticket)
-                if self._pending:  # earlier reports first, in the same send
-                    self._pending.append(data)
-                    data = b"".join(self._pending)
-                    self._pending.clear()
-                if self._send_locked(data):
-                    return
-            self._lost.update(ticket.storages)
-        ticket.settle(False)
+            self._send_locked(self.session.begin(txn, storages, bounds))
 
-    def confirm(self, ticket: Ticket) -> bool:
-        """Wait (at most ``timeout``) until the daemon has registered the BEGIN.
-
-        A BEGIN confirmed on an earlier connection (the daemon restarted
-        since) is sent again: the daemon that will see the COMMIT must have
-        registered the transaction before its first ``tpc_finish``.
-        """
-        for attempt in (1, 2):
-            if not ticket.event.wait(self.timeout):
-                with self._lock:
-                    self._lost.update(ticket.storages)
+    def confirm(self, txn: str) -> bool:
+        """Wait (at most ``timeout``) until the daemon now connected has
+        registered ``txn``; False at once when there is no connection."""
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            while True:
+                state = self.session.confirmation(txn)
+                if state is not None:
+                    return state
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     self._drop_locked(f"no confirmation within {self.timeout:g} s")
-                return False
-            if not ticket.ok:
-                with self._lock:
-                    self._lost.update(ticket.storages)
-                return False
-            if ticket.generation == self._generation:
-                return True
-            if attempt == 1:  # confirmed by a daemon that has gone since
-                ticket.event = threading.Event()
-                ticket.ok = False
-                self._send_begin(ticket)
-        return False
+                    return False
+                self._changed.wait(remaining)
 
-    def commit(self, txn: str, tids: Mapping[str, int], ticket: Ticket | None = None) -> None:
-        """Report the TIDs; skipped if the daemon restarted since the BEGIN
-        (the new daemon does not know the transaction; its bootstrap covers it)."""
-        if ticket is not None and ticket.generation != self._generation:
-            return
-        self._queue(p.encode_commit(txn, tids))
+    def finished(self, txn: str, storage: str, tid: int) -> None:
+        with self._lock:
+            self.session.finished(txn, storage, tid)
 
-    def abort(self, txn: str, ticket: Ticket | None = None) -> None:
-        """Report a failed commit; skipped, like :meth:`commit`, if the
-        daemon restarted since the BEGIN."""
-        if ticket is not None and ticket.generation != self._generation:
-            return
-        self._queue(p.encode_abort(txn))
-
-    def in_doubt(self, txn: str) -> None:
-        """Tell the daemon this process does not know the outcome of ``txn``."""
-        self._send(p.encode_in_doubt(txn))
+    def ended(self, txn: str, outcome: str, tids: Mapping[str, int] | None = None) -> None:
+        """``"commit"`` (with ``tids``), ``"abort"`` or ``"indoubt"``."""
+        with self._lock:
+            self._send_locked(self.session.ended(txn, outcome, tids))
+            wanted = self.session.has_pending
+        if wanted:
+            self._flush_wanted.set()
 
     def single(self, txn: str, storage: str, tid: int) -> None:
-        """Report a finished single-storage transaction (no wait, no tracking)."""
-        self._queue(p.encode_begin(txn, (storage,)) + p.encode_commit(txn, {storage: tid}))
+        with self._lock:
+            self.session.single(txn, storage, tid)
+            wanted = self.session.has_pending
+        if wanted:
+            self._flush_wanted.set()
+
+    def flush(self) -> None:
+        """Send the batched reports now."""
+        with self._lock:
+            self._send_locked(self.session.flush())
+
+    def acquire(self) -> "Reporter":
+        with self._lock:
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        """A wrapped storage using this reporter closed; the last one closes it."""
+        with self._lock:
+            self._users -= 1
+            last = self._users <= 0
+        if last:
+            self.close()
 
     def close(self) -> None:
-        self._closed = True
+        """Send what is batched, then QUIT (bounded by ``timeout``); stop."""
+        if os.getpid() != self._pid:
+            return  # a forked child never touches its parent's connection
         with self._lock:
-            if self._sock is not None:
+            if self._closed:
+                return
+            self._closed = True
+            sock = self._sock
+            if sock is not None:
+                data = self.session.close()
                 try:
-                    self._sock.sendall(b"".join(self._pending) + p.QUIT_REQUEST)
+                    sock.settimeout(self.timeout)
+                    if data:
+                        sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-            self._drop_locked(None)
+                self._sock = None
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            self._changed.notify_all()
         self._wake.set()
         self._flush_wanted.set()
 
@@ -199,51 +195,25 @@ class Reporter:
             # Only at process start: give the first connection a chance.
             self._first_attempt.wait(self.timeout)
 
-    def _send(self, data: bytes) -> None:
-        self._wait_first_attempt()
-        with self._lock:
-            if self._sock is not None:
-                if self._pending:
-                    self._pending.append(data)
-                    data = b"".join(self._pending)
-                    self._pending.clear()
-                self._send_locked(data)
-
-    def _queue(self, data: bytes) -> None:
-        self._wait_first_attempt()
-        with self._lock:
-            if self._sock is None:
-                return  # lost: harmless or resolved by the daemon (see module doc)
-            self._pending.append(data)
-            if len(self._pending) == 1:
-                self._flush_wanted.set()
-
-    def flush(self) -> None:
-        """Send the batched reports now."""
-        with self._lock:
-            if self._sock is not None and self._pending:
-                data = b"".join(self._pending)
-                self._pending.clear()
-                self._send_locked(data)
-
     def _flush_loop(self) -> None:
         while not self._closed:
             self._flush_wanted.wait()
             self._flush_wanted.clear()
+            if self._closed:
+                return
             time.sleep(FLUSH_DELAY)
             self.flush()
 
-    def _send_locked(self, data: bytes) -> bool:
+    def _send_locked(self, data: bytes | None) -> None:
+        if not data or self._sock is None:
+            return
         try:
             self._sock.sendall(data)
-            return True
         except OSError as exc:
             self._drop_locked(f"send failed: {exc}")
-            return False
 
     def _drop_locked(self, reason: str | None) -> None:
         sock, self._sock = self._sock, None
-        self._pending.clear()  # lost with the connection (see the module doc)
         if sock is not None:
             try:
                 sock.close()
@@ -253,66 +223,85 @@ class Reporter:
                 self._down_logged = True
                 log.warning(
                     "lost the tidstorage daemon at %s:%d (%s); commits go on without"
-                    " waiting, reconnecting in the background",
-                    *self.address,
-                    reason,
-                )
-        waiters, self._waiters = self._waiters, collections.deque()
-        for ticket in waiters:
-            self._lost.update(ticket.storages)
-            ticket.settle(False)
+                    " waiting, reconnecting in the background", *self.address, reason)
+        if self.session.connected:
+            self.session.detached()
+        self._changed.notify_all()
         self._wake.set()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> tuple[socket.socket, str]:
         sock = open_socket(self.address, self.timeout, self._ssl)
-        reader = p.ReplyReader()
-        hello = b""
-        if self._auth_token is not None:
-            hello += p.encode_auth(self._auth_token)
+        try:
+            with self._lock:
+                hello = self.session.handshake()
+            sock.sendall(hello)
+            reader = p.ReplyReader()
+            if self.session.auth_token is not None:
+                while (value := reader.read_int()) is None:
+                    self._recv_into(sock, reader)
+                if value != 1:
+                    raise ConnectionError(f"authentication refused (reply {value})")
+            while (daemon_id := reader.read_field()) is None:
+                self._recv_into(sock, reader)
+            if daemon_id == "-":
+                raise ConnectionError("the daemon refused this session")
+            return sock, daemon_id
+        except BaseException:
+            sock.close()
+            raise
+
+    @staticmethod
+    def _recv_into(sock: socket.socket, reader: p.ReplyReader) -> None:
+        data = sock.recv(RECV_BYTES)
+        if not data:
+            raise ConnectionError("the daemon closed the connection (authentication refused?)")
+        reader.feed(data)
+
+    def _become_alias(self, primary: "Reporter", sock: socket.socket) -> None:
+        log.info("tidstorage: %s:%d reaches the same daemon as %s:%d: one connection for"
+                 " both", *self.address, *primary.address)
+        try:
+            sock.sendall(p.QUIT_REQUEST)
+            sock.close()
+        except OSError:
+            pass
+        with primary._lock:
+            primary.timeout = max(primary.timeout, self.timeout)
         with self._lock:
-            lost = sorted(self._lost)
-        if lost:
-            hello += p.encode_lost(lost)
-        hello += p.SYNC_REQUEST
-        sock.sendall(hello)
-        expected = 1 + (self._auth_token is not None)
-        replies: list[int] = []
-        while len(replies) < expected:
-            data = sock.recv(RECV_BYTES)
-            if not data:
-                raise ConnectionError("the daemon closed the connection (authentication refused?)")
-            reader.feed(data)
-            while (value := reader.read_int()) is not None:
-                replies.append(value)
-        if replies != [1] * expected:
-            raise ConnectionError(f"unexpected handshake replies {replies}")
-        with self._lock:
-            self._lost.difference_update(lost)
-        return sock
+            self.alias_of = primary
+            self._closed = True
+            self._changed.notify_all()
+        self._first_attempt.set()
+        self._flush_wanted.set()
 
     def _run(self) -> None:
         delay = RECONNECT_FIRST
         while not self._closed:
             try:
-                sock = self._connect()
+                sock, daemon_id = self._connect()
             except (OSError, ConnectionError, p.ProtocolError) as exc:
                 self._first_attempt.set()
                 if not self._down_logged:
                     self._down_logged = True
                     log.warning(
                         "cannot reach the tidstorage daemon at %s:%d (%s); commits go on"
-                        " without waiting, retrying in the background",
-                        *self.address,
-                        exc,
-                    )
+                        " without waiting, retrying in the background", *self.address, exc)
                 self._wake.wait(delay)
                 self._wake.clear()
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
+            primary = _claim(daemon_id, self)
+            if primary is not self:
+                self._become_alias(primary, sock)
+                return
             delay = RECONNECT_FIRST
             with self._lock:
-                self._generation += 1
-                self._sock = sock
+                if self._closed:
+                    sock.close()
+                    return
+                self._sock = sock  # its timeout bounds every send
+                self._send_locked(self.session.attached(daemon_id))
+                self._changed.notify_all()
             self._first_attempt.set()
             if self._down_logged or self._was_up:
                 log.warning("the tidstorage daemon at %s:%d is back", *self.address)
@@ -321,7 +310,7 @@ class Reporter:
             self._read(sock)
 
     def _read(self, sock: socket.socket) -> None:
-        """Settle BEGIN tickets from SYNC replies until the connection ends."""
+        """Settle confirmations from SYNC replies until the connection ends."""
         reader = p.ReplyReader()
         while True:
             try:
@@ -340,35 +329,78 @@ class Reporter:
                     if self._sock is sock:
                         self._drop_locked("the daemon closed the connection")
                 return
-            try:
-                reader.feed(data)
-                values = []
-                while (value := reader.read_int()) is not None:
-                    values.append(value)
-            except p.ProtocolError as exc:
-                with self._lock:
-                    if self._sock is sock:
-                        self._drop_locked(f"bad reply: {exc}")
-                return
             with self._lock:
                 if self._sock is not sock:
                     return
-                for value in values:
-                    if self._waiters:
-                        self._waiters.popleft().settle(value == 1)
+                try:
+                    reader.feed(data)
+                    while (value := reader.read_int()) is not None:
+                        self.session.reply(value)
+                except p.ProtocolError as exc:
+                    self._drop_locked(f"bad reply: {exc}")
+                    return
+                self._changed.notify_all()
 
+
+# -- one reporter per daemon ------------------------------------------------------
 
 _reporters: dict[tuple, Reporter] = {}
+_by_daemon: dict[str, Reporter] = {}
 _reporters_lock = threading.Lock()
+_all: "weakref.WeakSet[Reporter]" = weakref.WeakSet()
+
+
+def _claim(daemon_id: str, reporter: Reporter) -> Reporter:
+    """The live reporter for this daemon id (``reporter`` if it is the first)."""
+    with _reporters_lock:
+        primary = _by_daemon.get(daemon_id)
+        if primary is None or primary._closed or primary is reporter:
+            # Forget what an earlier daemon process was known as.
+            for key in [k for k, r in _by_daemon.items() if r is reporter]:
+                del _by_daemon[key]
+            _by_daemon[daemon_id] = reporter
+            return reporter
+        return primary
 
 
 def get_reporter(
-    address: tuple[str, int], *, auth_token: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    address: tuple[str, int], *, auth_token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Reporter:
-    """The process-wide reporter for this daemon address (created once)."""
-    key = (address, auth_token, timeout)
+    """The process-wide reporter for this daemon address (created once).
+
+    With several timeouts for one address, the longest wins (it is the
+    longest the application accepts to wait)."""
+    key = (tuple(address), auth_token)
     with _reporters_lock:
         reporter = _reporters.get(key)
-        if reporter is None or reporter._closed:
-            reporter = _reporters[key] = Reporter(address, auth_token=auth_token, timeout=timeout)
+        if reporter is None or reporter._closed and reporter.alias_of is None:
+            reporter = _reporters[key] = Reporter(address, auth_token=auth_token,
+                                                  timeout=timeout, ssl_context=ssl_context)
+        elif timeout > reporter.timeout:
+            reporter.timeout = timeout
         return reporter
+
+
+def close_all() -> None:
+    """Close every reporter of this process (at interpreter exit)."""
+    for reporter in list(_all):
+        try:
+            reporter.close()
+        except Exception:  # pragma: no cover - never fail an exit
+            log.debug("closing a reporter at exit", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    global _reporters_lock
+    _reporters_lock = threading.Lock()
+    _reporters.clear()
+    _by_daemon.clear()
+    for reporter in list(_all):
+        reporter._closed = True  # its threads do not exist here
+    _all.clear()
+
+
+atexit.register(close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,60 +1,49 @@
-"""The coherency daemon: an asyncio shell around the tracker.
+"""The coherency daemon: an asyncio shell around the coordinator.
 
-One event loop serves every connection (``asyncio.Protocol``: large reads,
-no thread per connection; when received bytes are applied is decided in
-``connection.py``). Each connection has a :class:`~.protocol.Decoder`;
-decoded commands are applied to the one :class:`~.tracker.Tracker` in order,
-and replies are written in one write per read. Publications go to the TID
-log writer, which records them with the burst / full-dump periods.
+Every decision is in ``coordinator.py`` (with the tracker and the gate); this
+module only moves bytes and runs I/O:
 
-Recovery (blocking ZEO work in worker threads, see ``recovery.py``), each
-step registered in the tracker as a transaction, so that the storages it
-concerns publish nothing meanwhile:
+* one event loop serves every connection (``asyncio.Protocol``: large reads,
+  no thread per connection; when received bytes are applied is decided in
+  ``connection.py``); decoded commands go to the coordinator, replies are
+  written in one write per read;
+* the coordinator's actions are carried out here: reads of the storages
+  (``scanners.py``: one worker thread per readable storage), no-op commits
+  and lock-owner checks (worker threads), timers (``loop.call_later``) and
+  publications (the TID log writer, with its burst / full-dump periods).
 
-* bootstrap: a no-op commit on every storage with a ``zeo`` address, then a
-  stamp check of what was committed since the reloaded published point;
-  publication starts after it (``BOOTSTRAPED`` answers 1).
-* ``LOST`` storages (a client could not get a BEGIN confirmed): frozen at
-  once, then re-checked the same way (no-op + stamp check), coalesced.
-  Storages without ``zeo`` cannot be re-checked: they stay frozen for
-  ``in_doubt_grace`` seconds.
-* in-doubt transactions: the connection that sent a BEGIN closed and no
-  COMMIT/ABORT came within ``in_doubt_grace`` seconds, or the client sent
-  ``INDOUBT``: the daemon looks for the transaction's stamp in its storages.
-  Found everywhere: committed with those TIDs; nowhere: aborted; in some:
-  *split*. A split stays in flight for ever: nothing linked to it is
-  published again; the daemon logs CRITICAL with the repair command.
+Worker threads are daemon threads: a ZEO server that does not answer never
+delays shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
+import queue
+import socket
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
+from . import coordinator as co
 from . import protocol as p
 from .config import Config
 from .connection import BulkQueue, Connection
+from .coordinator import LOG_INTERVAL, RateLimitedLog  # noqa: F401  (re-exported)
 from .tidlog import TidLogWriter, read_log
-from .tracker import Publication, Refused, Tracker
 
 log = logging.getLogger("tidstorage.server")
 
-#: Repeated refusals / decreases: at most one log line per key this often.
-LOG_INTERVAL = 10.0
-LOG_KEYS_MAX = 10000
 #: How often the TID log writer checks whether a record is due (seconds).
 TICK_SECONDS = 0.2
-#: Bootstrap retry backoff: first and longest wait between attempts (seconds).
-BOOTSTRAP_RETRY_FIRST = 0.5
-BOOTSTRAP_RETRY_MAX = 30.0
+#: How long a no-op commit may wait to connect to its ZEO servers (seconds).
+NOOP_CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +52,30 @@ class ListenOptions:
     port: int
     auth_token: str | None = None
     ssl_context: ssl.SSLContext | None = None
+
+
+class _Worker:
+    """A daemon thread running blocking calls one at a time."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, func: Callable, done: Callable) -> None:
+        self._queue.put((func, done))
+
+    def _run(self) -> None:
+        while True:
+            func, done = self._queue.get()
+            try:
+                result, error = func(), None
+            except Exception as exc:  # delivered to the loop
+                result, error = None, exc
+            try:
+                self._loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:  # the loop has closed: nobody waits any more
+                return
 
 
 class Daemon:
@@ -93,8 +106,31 @@ class Daemon:
                 log.info(
                     "reloaded published TIDs of %d storages from %s", len(initial), self.status_file
                 )
-        self.tracker = Tracker(initial)
-        self._state = self.tracker.published_view()
+        from .zeo import ZeoSpec, parse_address
+
+        kinds: dict[str, str | None] = {}
+        self._readers: dict[str, object] = {}
+        self._zeo_specs: dict[str, ZeoSpec] = {}
+        self._files: dict[str, Path] = {}
+        from .scanners import FileReader, ZeoReader
+
+        for sid, st in config.storages.items():
+            if st.zeo:
+                spec = self._zeo_specs[sid] = ZeoSpec(parse_address(st.zeo), st.zeo_storage)
+                self._readers[sid] = ZeoReader(sid, spec)
+                kinds[sid] = "zeo"
+            elif st.data_fs is not None:
+                self._readers[sid] = FileReader(sid, st.data_fs)
+                kinds[sid] = "file"
+            else:
+                kinds[sid] = None
+            if st.data_fs is not None:
+                self._files[sid] = st.data_fs
+        self.daemon_id = uuid.uuid4().hex[:16]
+        self.core = co.Coordinator(
+            kinds, initial, clock=time.monotonic, daemon_id=self.daemon_id,
+            host=socket.gethostname(), grace=server.in_doubt_grace,
+            config_name=str(config.path) if config.path else "CONFIG")
         self.writer: TidLogWriter | None = None
         if self.status_file is not None:
             self.status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -104,30 +140,25 @@ class Daemon:
                 full_dump_period=server.full_dump_period,
                 initial_state=initial,
             )
-        self._specs = self._zeo_specs()
-        self.grace = server.in_doubt_grace
-        self._owner: dict[str, Connection] = {}  # in-flight txn -> connection that began it
-        self._resolving: set[str] = set()
-        self._splits: dict[str, str] = {}  # frozen for ever: txn -> description
-        self._warned_legacy: set[str] = set()
-        self._lost_queue: list[tuple[str, list[str]]] = []
-        self._lost_event: asyncio.Event | None = None
-        self._bootstrapped_event: asyncio.Event | None = None
-        self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task] = set()
         self.bulk = BulkQueue()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._timers: dict[tuple, asyncio.TimerHandle] = {}
+        self._workers: dict[str, _Worker] = {}
         self._stopped = asyncio.Event()
         self._log_failing = False
-        self._limited = RateLimitedLog(log)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
+
+    @property
+    def tracker(self):
+        return self.core.tracker
 
     # -- life cycle ------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: Connection(self),
             self.listen.address,
@@ -147,21 +178,11 @@ class Daemon:
         )
         if self.writer is not None:
             self._tick_handle = loop.call_later(TICK_SECONDS, self._tick)
-        self._lost_event = asyncio.Event()
-        self._bootstrapped_event = asyncio.Event()
-        self._spawn(self._bootstrap())
-        self._spawn(self._recheck_worker())
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("internal task failed", exc_info=task.exception())
+        for sid in self._readers:
+            self._workers[sid] = _Worker(f"tidstorage-read-{sid}"[:60], loop)
+        self._workers[""] = _Worker("tidstorage-owners", loop)
+        self.core.start()
+        self.run_actions()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -176,11 +197,14 @@ class Daemon:
             conn.close()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
         if self.writer is not None:
             self._write_log(self.writer.close)
-        log.info("stopped; published TIDs: %s", _short(self.tracker.published()))
+        for reader in self._readers.values():
+            reader.close()
+        log.info("stopped; published TIDs: %s", co._short(self.core.published()))
         self._stopped.set()
 
     def reopen_logs(self) -> None:
@@ -191,225 +215,89 @@ class Daemon:
 
     def describe(self) -> str:
         """SIGUSR1: the internal state in a few lines."""
-        t = self.tracker
-        lines = [
-            f"bootstrapped={t.bootstrapped} connections={len(self._connections)}"
-            f" in_flight={len(t.in_flight())}",
-            f"published={_short(t.published())}",
-        ]
-        for storages, in_flight, held in t.groups():
-            lines.append(f"group {sorted(storages)}: in_flight={in_flight} held={held}")
-        for txn, why in self._splits.items():
-            lines.append(f"SPLIT {txn}: {why}")
-        return "\n".join(lines)
+        return f"connections={len(self._connections)} " + self.core.describe()
 
-    # -- bootstrap -------------------------------------------------------
+    # -- actions ---------------------------------------------------------
 
-    async def _bootstrap(self) -> None:
-        specs = self._specs
-        if not specs:
-            self._set_bootstrapped()
-            log.info("bootstrap complete (no storage with a zeo address)")
-            return
-        log.info("bootstrap started: no-op commit on %s", ", ".join(sorted(specs)))
-        txn = self._internal_id("bootstrap")
-        self.tracker.begin(txn, list(specs))
-        result = await self._with_retries("bootstrap", self._check_call(specs, txn))
-        self._freeze_splits(result.splits)
-        self._set_bootstrapped()
-        self._apply_publication(self.tracker.commit(txn, result.tids, barrier=True))
-        log.info(
-            "bootstrap complete: %s (%d recent transactions checked%s)",
-            _short(result.tids),
-            result.scanned,
-            f", {len(result.splits)} SPLIT" if result.splits else ", none split",
-        )
+    def run_actions(self) -> None:
+        """Carry out what the coordinator asks for (after every input)."""
+        core = self.core
+        for action in core.take_actions():
+            kind = type(action)
+            if kind is co.Publish:
+                if self.writer is not None:
+                    self._write_log(self.writer.published, action.changes, core.published())
+            elif kind is co.Scan:
+                self._scan(action)
+            elif kind is co.SetTimer:
+                self._set_timer(action.key, action.delay)
+            elif kind is co.Noop:
+                self._noop(action)
+            elif kind is co.CheckOwner:
+                self._check_owner(action)
 
-    def _set_bootstrapped(self) -> None:
-        self.tracker.set_bootstrapped()
-        self._bootstrapped_event.set()
+    def _scan(self, action: co.Scan) -> None:
+        reader = self._readers[action.storage]
 
-    def _internal_id(self, what: str) -> str:
-        return f"tidstorage-{what}-{next(self._ids)}"
+        def done(result, error) -> None:
+            if error is not None:
+                self.core.scan_result(action.storage, action.seq, None, error=str(error))
+            else:
+                records, more = result
+                self.core.scan_result(action.storage, action.seq, records, more=more)
+            self.run_actions()
 
-    def _check_call(self, specs: dict, txn: str) -> Callable:
-        """A blocking no-op + stamp check over ``specs`` (for a thread)."""
-        from .recovery import noop_and_check, scan_start
+        self._workers[action.storage].submit(lambda: reader.read(action.since), done)
 
-        published = self.tracker.published_view()
-        since = {s: scan_start(published.get(s)) for s in specs}
-        return lambda: noop_and_check(specs, since, "ts:" + txn)
+    def _noop(self, action: co.Noop) -> None:
+        from .zeo import commit_noop
 
-    async def _with_retries(self, what: str, call: Callable):
-        """Run a blocking recovery call in a thread until it succeeds."""
-        delay = BOOTSTRAP_RETRY_FIRST
-        attempt = 0
-        while True:
-            attempt += 1
+        specs = {s: self._zeo_specs[s] for s in action.storages}
+        loop = self._loop
+
+        def run() -> None:
             try:
-                return await _in_thread(call)
-            except Exception as exc:  # ZeoUnavailable, storage errors: retry
-                log.warning("%s attempt %d failed: %s; retrying in %.1f s", what, attempt, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
+                result, error = commit_noop(specs, NOOP_CONNECT_TIMEOUT,
+                                            coherency_id=action.coherency_id or None), None
+            except Exception as exc:
+                result, error = None, f"{type(exc).__name__}: {exc}"
+            try:
+                loop.call_soon_threadsafe(self._noop_done, action, result, error)
+            except RuntimeError:
+                pass
 
-    def _freeze_splits(self, splits) -> None:
-        """Keep split transactions in flight for ever (see the module doc)."""
-        for split in splits:
-            if split.id in self._splits:
-                continue
-            where = ", ".join(f"{s} (tid {t:#018x})" for s, t in sorted(split.present.items()))
-            why = f"recorded in {where}, missing in {', '.join(split.missing)}"
-            self._splits[split.id] = why
-            if split.id not in self.tracker.in_flight():
-                self.tracker.begin(split.id, list(split.storages))
-            log.critical(
-                "SPLIT transaction %s over %s: %s. Nothing will be published at or past it"
-                " on these storages (nor on storages linked to them). Repair: stop the"
-                " applications, run `tidstorage repair -c %s`, restart the daemon.",
-                split.id,
-                ", ".join(split.storages),
-                why,
-                self.config.path or "CONFIG",
-            )
+        threading.Thread(target=run, name="tidstorage-noop", daemon=True).start()
 
-    # -- lost reports ----------------------------------------------------
+    def _noop_done(self, action: co.Noop, result, error) -> None:
+        self.core.noop_result(action.request, result, error=error)
+        self.run_actions()
 
-    def on_lost(self, conn: "Connection", storages: list[str]) -> None:
-        """``LOST``: freeze these storages now, re-check them soon."""
-        if not storages:
-            return
-        zeo = sorted(s for s in set(storages) if s in self._specs)
-        other = sorted(set(storages) - set(zeo))
-        log.warning(
-            "%s: reports for storages %s were lost: freezing them until re-checked",
-            conn.peer,
-            ", ".join(sorted(set(storages))),
-        )
-        if zeo:
-            txn = self._internal_id("recheck")
-            self.tracker.begin(txn, zeo)
-            self._lost_queue.append((txn, zeo))
-            self._lost_event.set()
-        if other:
-            txn = self._internal_id("freeze")
-            self.tracker.begin(txn, other)
-            asyncio.get_running_loop().call_later(self.grace, self._end_freeze, txn, other)
+    def _check_owner(self, action: co.CheckOwner) -> None:
+        from .scanners import lock_owner
 
-    def _end_freeze(self, txn: str, storages: list[str]) -> None:
-        log.warning(
-            "storages %s have no zeo address and cannot be re-checked; publishing them again"
-            " after in_doubt_grace (%g s)",
-            ", ".join(storages),
-            self.grace,
-        )
-        self._apply_publication(self.tracker.abort(txn))
+        path = self._files[action.storage]
 
-    async def _recheck_worker(self) -> None:
-        while True:
-            await self._lost_event.wait()
-            self._lost_event.clear()
-            await self._bootstrapped_event.wait()
-            batch, self._lost_queue = self._lost_queue, []
-            if not batch:
-                continue
-            storages = sorted({s for _, group in batch for s in group})
-            specs = {s: self._specs[s] for s in storages}
-            txn = self._internal_id("recheck-noop")
-            result = await self._with_retries("re-check", self._check_call(specs, txn))
-            self._freeze_splits(result.splits)
-            for frozen, group in batch:
-                self._apply_publication(
-                    self.tracker.commit(frozen, {s: result.tids[s] for s in group}, barrier=True)
-                )
-            log.info(
-                "re-checked storages %s: %d recent transactions, %s",
-                ", ".join(storages),
-                result.scanned,
-                f"{len(result.splits)} SPLIT" if result.splits else "none split",
-            )
+        def done(result, error) -> None:
+            if error is not None:
+                log.warning("cannot check who writes %s: %s", path, error)
+                result = co.OwnerInfo(0, alive=True, ident="unknown")  # not proven: retried
+            self.core.owner_result(action.request, result)
+            self.run_actions()
 
-    # -- in-doubt transactions ---------------------------------------------
+        self._workers[""].submit(lambda: lock_owner(path), done)
 
-    def connection_closed(self, conn: "Connection") -> None:
-        if not conn.begun:
-            return
-        loop = asyncio.get_running_loop()
-        for txn in conn.begun:
-            if self._owner.get(txn) is conn:
-                loop.call_later(self.grace, self.in_doubt, txn, "its client disconnected")
+    def _set_timer(self, key: tuple, delay: float) -> None:
+        old = self._timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self._timers[key] = self._loop.call_later(delay, self._fire, key)
 
-    def in_doubt(self, txn: str, why: str, reported: bool = False) -> None:
-        members = self.tracker.in_flight().get(txn)
-        if members is None or txn in self._resolving or txn in self._splits:
-            return
-        owner = self._owner.get(txn)
-        if owner is not None and not owner.closing and not reported:
-            return  # the connection that began it is still there
-        if not txn.startswith("ts:"):
-            if txn not in self._warned_legacy:
-                self._warned_legacy.add(txn)
-                log.error(
-                    "transaction %r is in doubt (%s) but was sent by a legacy client: it has"
-                    " no stamp to check; storages %s stay blocked until it ends",
-                    txn, why, ", ".join(sorted(members)),
-                )
-            return
-        missing = sorted(s for s in members if s not in self._specs)
-        if missing:
-            log.error(
-                "transaction %s is in doubt (%s) but storages %s have no zeo address to"
-                " check: its storages stay blocked",
-                txn, why, ", ".join(missing),
-            )
-            return
-        self._resolving.add(txn)
-        self._spawn(self._resolve(txn, sorted(members), why))
+    def _fire(self, key: tuple) -> None:
+        self._timers.pop(key, None)
+        self.core.timer(key)
+        self.run_actions()
 
-    async def _resolve(self, txn: str, storages: list[str], why: str) -> None:
-        from .recovery import locate, scan_start
-
-        try:
-            published = self.tracker.published_view()
-            since = {s: scan_start(published.get(s)) for s in storages}
-            specs = {s: self._specs[s] for s in storages}
-            found = await self._with_retries(
-                f"in-doubt {txn}", lambda: locate(specs, since, txn)
-            )
-        finally:
-            self._resolving.discard(txn)
-        if txn not in self.tracker.in_flight():
-            return  # its COMMIT/ABORT came meanwhile
-        self._forget_owner(txn)
-        if len(found) == len(storages):
-            log.warning("in-doubt transaction %s (%s): found in every storage: committed", txn, why)
-            self._apply_publication(self.tracker.commit(txn, found))
-        elif not found:
-            log.warning("in-doubt transaction %s (%s): found in no storage: aborted", txn, why)
-            self._apply_publication(self.tracker.abort(txn))
-        else:
-            from .stamps import Split
-
-            self._freeze_splits([Split(
-                id=txn, storages=tuple(storages), present=found,
-                missing=tuple(s for s in storages if s not in found), unknown=(),
-            )])
-
-    def _forget_owner(self, txn: str) -> None:
-        owner = self._owner.pop(txn, None)
-        if owner is not None:
-            owner.begun.discard(txn)
-
-    def _zeo_specs(self) -> dict:
-        from .zeo import ZeoSpec, parse_address
-
-        return {
-            s.id: ZeoSpec(parse_address(s.zeo), s.zeo_storage)
-            for s in self.config.storages.values()
-            if s.zeo
-        }
-
-    # -- commands --------------------------------------------------------
+    # -- the TID log -------------------------------------------------------
 
     def _tick(self) -> None:
         self._write_log(self.writer.tick)
@@ -432,86 +320,33 @@ class Daemon:
             self._log_failing = False
             log.warning("writing the TID log %s works again", self.status_file)
 
-    def _apply_publication(self, pub: Publication, changed: dict | None = None) -> None:
-        """Log refused decreases; record what moved (in ``changed`` when the
-        caller batches, else in the TID log writer at once)."""
-        if pub.decreases:
-            for storage, tid, old in pub.decreases:
-                self._limited.log(
-                    logging.CRITICAL,
-                    f"decrease {storage}",
-                    "Decreasing update ignored: storage %r tid %d < published %d"
-                    " (a backup taken now may hold part of a transaction)",
-                    storage,
-                    tid,
-                    old,
-                )
-        if pub.published and self.writer is not None:
-            if changed is not None:
-                changed.update(pub.published)
-            else:
-                self._write_log(self.writer.published, pub.published, self._state)
+    # -- connections -------------------------------------------------------
 
-    def apply(self, conn: "Connection", events: list[tuple]) -> bytes:
+    def connection_made(self, conn: Connection) -> None:
+        self._connections.add(conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        self.core.connection_closed(conn.peer)
+        self.run_actions()
+
+    def apply(self, conn: Connection, events: list[tuple]) -> bytes:
         """Apply decoded commands from one connection; return the replies."""
-        changed: dict[str, int] = {}  # published TIDs moved by these events
-        try:
-            return self._apply(conn, events, changed)
-        finally:
-            if changed:  # one call to the TID log writer per read, not per commit
-                self._write_log(self.writer.published, changed, self._state)
+        error = None
+        if events[-1][0] is p.ERROR:
+            error = events.pop()[1]
+        out = self.core.apply(conn.peer, events) if events else b""
+        self.run_actions()
+        if error is not None:
+            log.error("%s: protocol error: %s; closing the connection", conn.peer.name, error)
+            conn.close_after([out] if out else [])
+            return b""
+        if conn.peer.quit:
+            conn.close_after([out] if out else [])
+            return b""
+        return out
 
-    def _apply(self, conn: "Connection", events: list[tuple], changed: dict) -> bytes:
-        tracker = self.tracker
-        owners = self._owner
-        replies: list[bytes] = []
-        for event in events:
-            kind = event[0]
-            try:
-                if kind is p.COMMIT:
-                    pub = tracker.commit(event[1], event[2])
-                    owner = owners.pop(event[1], None)
-                    if owner is not None:
-                        owner.begun.discard(event[1])
-                    if pub.published or pub.decreases:
-                        self._apply_publication(pub, changed)
-                elif kind is p.BEGIN:
-                    tracker.begin(event[1], event[2], event[3])
-                    owners[event[1]] = conn
-                    conn.begun.add(event[1])
-                elif kind is p.ABORT:
-                    pub = tracker.abort(event[1])
-                    owner = owners.pop(event[1], None)
-                    if owner is not None:
-                        owner.begun.discard(event[1])
-                    if pub.published or pub.decreases:
-                        self._apply_publication(pub, changed)
-                elif kind is p.DUMP:
-                    replies.append(p.encode_dict(self._state))
-                elif kind is p.SYNC:
-                    replies.append(b"1\n")
-                elif kind is p.BOOTSTRAPED:
-                    replies.append(b"1\n" if tracker.bootstrapped else b"0\n")
-                elif kind is p.QUIT:
-                    conn.close_after(replies)
-                    return b""
-                elif kind is p.ERROR:
-                    log.error("%s: protocol error: %s; closing the connection", conn.peer, event[1])
-                    conn.close_after(replies)
-                    return b""
-                elif kind is p.LOST:
-                    self.on_lost(conn, event[1])
-                elif kind is p.INDOUBT:
-                    self.in_doubt(event[1], "its client reported it", reported=True)
-                elif kind is p.AUTH:
-                    # A repeated AUTH on an authenticated connection is harmless.
-                    replies.append(b"1\n")
-            except Refused as exc:
-                self._limited.log(logging.ERROR, f"refused {conn.peer} {exc.reason}", "%s: refused: %s",
-                                  conn.peer, exc)
-        return b"".join(replies)
-
-    def check_auth(self, conn: "Connection", events: list[tuple]) -> list[tuple] | None:
+    def check_auth(self, conn: Connection, events: list[tuple]) -> list[tuple] | None:
         """Authenticate ``conn`` from its first event; None if it failed."""
         first = events[0]
         token = self.listen.auth_token
@@ -520,35 +355,9 @@ class Daemon:
             conn.write(b"1\n")
             return events[1:]
         what = "wrong token" if first[0] is p.AUTH else f"{first[0]} before AUTH"
-        log.error("%s: authentication failed (%s); closing the connection", conn.peer, what)
+        log.error("%s: authentication failed (%s); closing the connection", conn.peer.name, what)
         conn.close()
         return None
-
-
-class RateLimitedLog:
-    """At most one line per key per :data:`LOG_INTERVAL`; the lines held back
-    are counted and reported with the next one, so a misbehaving client
-    cannot flood the log (one line per state change, not per commit)."""
-
-    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
-        self._log = logger
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def log(self, level: int, key: str, message: str, *args) -> None:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < LOG_INTERVAL:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        if len(self._last) > LOG_KEYS_MAX:  # bounded memory
-            self._last.clear()
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        if held:
-            message += f" ({held} similar lines held back in the last {LOG_INTERVAL:g} s)"
-        self._log.log(level, message, *args)
 
 
 def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
@@ -557,40 +366,3 @@ def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     return ctx
-
-
-async def _in_thread(func: Callable, *args):
-    """Run a blocking call in a daemon thread (never delays shutdown)."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def run() -> None:
-        result = exc = None
-        try:
-            result = func(*args)
-        except BaseException as e:  # delivered to the awaiting task
-            exc = e
-        try:
-            loop.call_soon_threadsafe(_settle, future, result, exc)
-        except RuntimeError:  # the loop has closed: nobody waits any more
-            pass
-
-    threading.Thread(target=run, name="tidstorage-bootstrap", daemon=True).start()
-    return await future
-
-
-def _settle(future: asyncio.Future, result, exc) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-def _short(tids: Mapping[str, int], limit: int = 8) -> str:
-    items = sorted(tids.items())
-    text = ", ".join(f"{k}={v:#x}" for k, v in items[:limit])
-    if len(items) > limit:
-        text += f", ... ({len(items)} storages)"
-    return "{" + text + "}"

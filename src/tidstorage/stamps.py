@@ -16,10 +16,11 @@ stored in each storage's transaction record, identical in every storage)::
 ``id`` identifies the transaction across storages (each storage gives the
 transaction its *own* TID, so TIDs cannot be matched); ``storages`` is the
 sorted list of the storage ids (the wire ids, the keys of
-``Config.storages``) the transaction was committed to.  The daemon's
-bootstrap no-op transaction carries the same keys plus ``"bootstrap": True``.
-Single-storage transactions carry no stamp; an older bootstrap stamp without
-``id`` (``{"bootstrap": True}``) is not a multi-storage stamp either.
+``Config.storages``) the transaction was committed to.  The daemon's own
+no-op transactions carry ``{"bootstrap": True}`` without ``id``: they write
+no data, so they cannot make a cut incoherent and are not multi-storage
+stamps (older versions added an ``id``, and those are read as stamps).
+Single-storage transactions carry no stamp.
 
 Splits
 ------

@@ -37,39 +37,19 @@ logged, once per state change, and swallowed.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
-import uuid
 from typing import Any
 
 import zope.interface
 from ZODB.utils import u64
 
-from .reporter import Reporter, Ticket, get_reporter
+from .reporter import Reporter, get_reporter
+from .session import ID_PREFIX, CommitFlow, new_coherency_id  # noqa: F401  (ID_PREFIX re-exported)
 from .stamps import STAMP_KEY
 
 log = logging.getLogger("tidstorage.storage")
-
-#: Prefix of coherency ids: the daemon resolves only these from stamps.
-ID_PREFIX = "ts:"
-
-
-_ids = itertools.count(1)
-_id_prefix = ID_PREFIX + uuid.uuid4().hex[:16] + "-"  # unique per process
-
-
-def new_coherency_id() -> str:
-    """``ts:<random per process>-<counter>``: unique, and cheap per commit."""
-    global _id_prefix, _id_pid
-    if os.getpid() != _id_pid:  # a forked child must not reuse the parent's ids
-        _id_pid = os.getpid()
-        _id_prefix = ID_PREFIX + uuid.uuid4().hex[:16] + "-"
-    return f"{_id_prefix}{next(_ids)}"
-
-
-_id_pid = os.getpid()
 
 
 def legacy_storage_id(storage: Any) -> str | None:
@@ -91,72 +71,41 @@ def legacy_storage_id(storage: Any) -> str | None:
     return repr((addrs, name))
 
 
-class _Commit:
-    """One transaction's commit over the wrapped storages of this process."""
+class _Commit(CommitFlow):
+    """A :class:`~.session.CommitFlow` with what the wrapper needs besides."""
 
-    __slots__ = (
-        "lock", "extension", "members", "begun", "sealed", "multi", "id",
-        "ticket", "confirmed", "tids", "finished", "aborted", "reporter", "done",
-        "uncertain", "storage_ids",
-    )
+    __slots__ = ("lock", "begun", "reporter", "objects")
 
-    def __init__(self, extension: dict, reporter: Reporter) -> None:
+    def __init__(self, extension: dict) -> None:
+        super().__init__(extension, new_coherency_id())
         self.lock = threading.Lock()
-        self.extension = extension  # keeps id(extension) from being reused
-        self.reporter = reporter
-        self.members: list[TIDStorage] = []
         self.begun: set[int] = set()  # id() of members whose base tpc_begin ran
-        self.sealed = False
-        self.multi = False
-        self.id = new_coherency_id()
-        self.ticket: Ticket | None = None
-        self.confirmed: bool | None = None
-        self.tids: dict[str, int] = {}
-        self.finished: set[str] = set()
-        self.aborted: set[str] = set()
-        #: storages whose tpc_finish raised: they may hold the transaction
-        self.uncertain: set[str] = set()
-        self.storage_ids: list[str] = []  # sorted, set when sealed
-        self.done = False
-
-    def seal(self) -> None:
-        """Called with ``lock`` held, once every member has called tpc_begin."""
-        self.sealed = True
-        self.storage_ids = names = sorted({m.storage_id for m in self.members})
-        self.multi = len(names) > 1
-        if not self.multi:
-            return
-        self.extension[STAMP_KEY] = {"id": self.id, "storages": names}
-        try:
-            # Bounds (see tracker.py): each storage's last TID known here,
-            # before any vote; this commit's TIDs will be greater.
-            bounds = {}
-            for member in self.members:
-                last = member.base.lastTransaction()
-                bounds[member.storage_id] = u64(last) if last else 0
-            self.ticket = self.reporter.begin(self.id, names, bounds)
-        except Exception:  # never fail a commit
-            log.exception("tidstorage: cannot report BEGIN")
+        self.reporter: Reporter | None = None  # chosen when sealed
+        self.objects: list[TIDStorage] = []
 
 
 class _Registry:
-    """Open commits of this process, keyed by their shared extension dict."""
+    """Open commits of this process, keyed by their shared extension dict:
+    one commit per ZODB transaction, whatever daemon address each member's
+    section names (two sections spelling one daemon differently must not
+    turn one transaction into two unstamped ones)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._commits: dict[tuple[int, int], _Commit] = {}
+        self._commits: dict[int, _Commit] = {}
 
     def join(self, member: "TIDStorage", extension: dict) -> _Commit:
-        key = (id(member.reporter), id(extension))
+        key = id(extension)
         with self._lock:
             commit = self._commits.get(key)
-            if commit is None or commit.sealed:
-                commit = self._commits[key] = _Commit(extension, member.reporter)
-            commit.members.append(member)
+            if commit is None or commit.sealed or commit.extension is not extension:
+                commit = self._commits[key] = _Commit(extension)
+            commit.join(member.storage_id)
+            commit.objects.append(member)
             return commit
 
     def forget(self, commit: _Commit) -> None:
-        key = (id(commit.reporter), id(commit.extension))
+        key = id(commit.extension)
         with self._lock:
             if self._commits.get(key) is commit:
                 del self._commits[key]
@@ -165,8 +114,40 @@ class _Registry:
 _registry = _Registry()
 
 
+def _data(transaction, storage) -> _Commit | None:
+    """The commit a wrapper joined for ``transaction`` (None: none, or ended)."""
+    try:
+        return transaction.data(storage)
+    except KeyError:
+        return None
+
+
+def _seal(commit: _Commit, members: list["TIDStorage"]) -> None:
+    """Called with ``commit.lock`` held at the first store/vote of any member."""
+    if not commit.seal(STAMP_KEY):
+        return
+    try:
+        # Bounds (see tracker.py): each storage's last TID known here,
+        # before any vote; this commit's TIDs will be greater.
+        bounds = {}
+        for member in members:
+            last = member.base.lastTransaction()
+            bounds[member.storage_id] = u64(last) if last else 0
+        # One reporter for the whole commit: the first member's (two
+        # addresses of one daemon resolve to one reporter once connected).
+        commit.reporter = members[0].reporter.target()
+        commit.reporter.begin(commit.id, commit.storage_ids, bounds)
+    except Exception:  # never fail a commit
+        log.exception("tidstorage: cannot report BEGIN")
+
+
 class TIDStorage:
-    """Wrap ``base``; report its commits to the daemon as ``storage_id``."""
+    """Wrap ``base``; report its commits to the daemon as ``storage_id``.
+
+    Declares ``IStorageWrapper`` (as zc.zlibstorage does) and provides
+    whatever its base provides; overrides only the two-phase commit (and
+    ``close``, which also releases the reporter).
+    """
 
     def __init__(
         self,
@@ -193,10 +174,29 @@ class TIDStorage:
             )
         self.base = base
         self.storage_id = storage_id
-        self.reporter = reporter or get_reporter(server, auth_token=auth_token, timeout=timeout)
+        self._spec = (tuple(server), auth_token, timeout)
+        self._fixed = reporter is not None
+        self._reporter = reporter or get_reporter(server, auth_token=auth_token, timeout=timeout)
+        acquire = getattr(self._reporter, "acquire", None)
+        if acquire is not None:
+            acquire()
+        self._pid = os.getpid()
+        self._released = False
+        self._db = None
         # Provide what the base provides (blob support among others), as
         # zc.zlibstorage does: ZODB checks interfaces, not attributes.
-        zope.interface.directlyProvides(self, zope.interface.providedBy(base))
+        from ZODB.interfaces import IStorageWrapper
+
+        zope.interface.directlyProvides(self, zope.interface.providedBy(base), IStorageWrapper)
+
+    @property
+    def reporter(self) -> Reporter:
+        """This process's reporter (a forked child gets a fresh one)."""
+        if os.getpid() != self._pid and not self._fixed:
+            server, token, timeout = self._spec
+            self._reporter = get_reporter(server, auth_token=token, timeout=timeout).acquire()
+            self._pid = os.getpid()
+        return self._reporter
 
     # -- delegation ---------------------------------------------------------
 
@@ -215,24 +215,72 @@ class TIDStorage:
     def sortKey(self) -> str:
         return self.base.sortKey()
 
+    def close(self) -> None:
+        """Close the base; the last storage using the reporter closes it
+        (batched reports, then QUIT: a clean exit leaves nothing in doubt)."""
+        try:
+            self.base.close()
+        finally:
+            if not self._released and os.getpid() == self._pid:
+                self._released = True
+                self._reporter.release()
+
+    # -- IStorageWrapper (no data transformation: see through to the base) --
+
+    def registerDB(self, db) -> None:
+        self._db = db
+        self.base.registerDB(db)
+
+    def invalidate(self, transaction_id, oids):
+        self._db.invalidate(transaction_id, oids)
+
+    def invalidateCache(self):
+        self._db.invalidateCache()
+
+    def references(self, record, oids=None):
+        from ZODB.interfaces import IStorageWrapper
+
+        if IStorageWrapper.providedBy(self.base):
+            return self.base.references(record, oids)
+        from ZODB.serialize import referencesf
+
+        return referencesf(record, oids)
+
+    def transform_record_data(self, data):
+        transform = getattr(self.base, "transform_record_data", None)
+        return transform(data) if transform is not None else data
+
+    def untransform_record_data(self, data):
+        untransform = getattr(self.base, "untransform_record_data", None)
+        return untransform(data) if untransform is not None else data
+
     # -- two-phase commit -------------------------------------------------
 
     def tpc_begin(self, transaction, tid=None, status=" "):
         if tid is not None:
             # copyTransactionsFrom/restore: not an application commit.
             return self.base.tpc_begin(transaction, tid, status)
+        # Refuse now what the base would refuse at its (deferred) tpc_begin:
+        # a wrapper must not change what the storage API promises.
+        if self.base.isReadOnly():
+            from ZODB.POSException import ReadOnlyError
+
+            raise ReadOnlyError()
+        if _data(transaction, self) is not None:
+            from ZODB.POSException import StorageTransactionError
+
+            raise StorageTransactionError("Duplicate tpc_begin calls for same transaction")
         commit = _registry.join(self, transaction.extension)
         transaction.set_data(self, commit)
 
     def _begin(self, transaction) -> None:
         """Seal the commit if needed, then run the deferred base tpc_begin."""
-        try:
-            commit: _Commit = transaction.data(self)
-        except KeyError:
+        commit = _data(transaction, self)
+        if commit is None:
             return  # tpc_begin with an explicit tid: passed through
         with commit.lock:
             if not commit.sealed:
-                commit.seal()
+                _seal(commit, commit.objects)
             if id(self) in commit.begun:
                 return
             commit.begun.add(id(self))
@@ -271,10 +319,7 @@ class TIDStorage:
         return self.base.tpc_vote(transaction)
 
     def tpc_finish(self, transaction, func=lambda tid: None):
-        try:
-            commit: _Commit | None = transaction.data(self)
-        except KeyError:
-            commit = None
+        commit = _data(transaction, self)
         if commit is not None and commit.multi:
             with commit.lock:
                 if commit.confirmed is None:
@@ -289,16 +334,15 @@ class TIDStorage:
                     commit.uncertain.add(self.storage_id)
             raise
         if commit is not None:
+            transaction.set_data(self, None)  # ended: a new tpc_begin is allowed
             self._finished(commit, tid)
         return tid
 
     def tpc_abort(self, transaction):
-        try:
-            commit: _Commit | None = transaction.data(self)
-        except KeyError:
-            commit = None
+        commit = _data(transaction, self)
         if commit is None:
             return self.base.tpc_abort(transaction)
+        transaction.set_data(self, None)
         with commit.lock:
             begun = id(self) in commit.begun
         try:
@@ -310,10 +354,10 @@ class TIDStorage:
     # -- reporting (never raises) -------------------------------------------
 
     def _confirm(self, commit: _Commit) -> bool:
-        if commit.ticket is None:
+        if commit.reporter is None:
             return False
         try:
-            return self.reporter.confirm(commit.ticket)
+            return commit.reporter.confirm(commit.id)
         except Exception:
             log.exception("tidstorage: cannot confirm BEGIN")
             return False
@@ -321,22 +365,18 @@ class TIDStorage:
     def _finished(self, commit: _Commit, tid: bytes | None) -> None:
         try:
             with commit.lock:
-                if tid is not None:
-                    commit.tids[self.storage_id] = u64(tid)
-                commit.finished.add(self.storage_id)
-                if len(commit.finished) < len(commit.storage_ids) or commit.done:
-                    return
-                commit.done = True
+                tid_int = u64(tid) if tid is not None else None
+                last = commit.member_finished(self.storage_id, tid_int)
+                if commit.multi and commit.reporter is not None and tid_int is not None:
+                    commit.reporter.finished(commit.id, self.storage_id, tid_int)
+            if not last:
+                return
             _registry.forget(commit)
             if len(commit.tids) != len(commit.finished):
                 log.error("tidstorage: a storage returned no TID from tpc_finish; commit not reported")
             elif commit.multi:
-                if not commit.confirmed:
-                    # The daemon may not know this transaction (its storages
-                    # are reported LOST on reconnection) or will resolve it
-                    # from the stamps: a COMMIT now would only be refused.
-                    return
-                self.reporter.commit(commit.id, commit.tids, commit.ticket)
+                if commit.reporter is not None:
+                    commit.reporter.ended(commit.id, "commit", commit.tids)
             else:
                 (storage, tid_int), = commit.tids.items()
                 self.reporter.single(commit.id, storage, tid_int)
@@ -346,31 +386,27 @@ class TIDStorage:
     def _aborted(self, commit: _Commit) -> None:
         try:
             with commit.lock:
-                if self.storage_id not in commit.finished:
-                    commit.aborted.add(self.storage_id)
-                if len(commit.aborted | commit.finished) < len(commit.storage_ids) or commit.done:
-                    return
-                commit.done = True
-            _registry.forget(commit)
-            if not commit.multi or commit.ticket is None or commit.confirmed is False:
+                outcome = commit.member_aborted(self.storage_id)
+            if outcome is None:
                 return
-            if commit.finished or commit.uncertain:
+            _registry.forget(commit)
+            if not commit.multi or commit.reporter is None:
+                return
+            if outcome == "indoubt":
                 log.critical(
                     "tidstorage: transaction %s finished on %s, failed in tpc_finish on %s,"
                     " aborted on %s: reported as in doubt; the daemon checks the stamps",
                     commit.id, sorted(commit.finished), sorted(commit.uncertain),
                     sorted(commit.aborted - commit.uncertain),
                 )
-                self.reporter.in_doubt(commit.id)
-            else:
-                self.reporter.abort(commit.id, commit.ticket)
+            commit.reporter.ended(commit.id, outcome)
         except Exception:
             log.exception("tidstorage: cannot report ABORT")
 
 
 def wrap(base: Any, name: str | None = None, *, server: str | tuple[str, int] = "127.0.0.1:9001",
          auth_token: str | None = None, timeout: float = 1.0) -> TIDStorage:
-    """Python API: ``db = ZODB.DB(tidstorage.wrap(storage, "main"))``.
+    """Python API: ``db = ZODB.DB(tidstorage.storage.wrap(storage, "main"))``.
 
     ``server`` is ``"host:port"`` or a tuple. Without ``name``, a ZEO client
     gets its legacy id (see :func:`legacy_storage_id`).

@@ -78,9 +78,11 @@ Published TIDs never decrease. A group that would publish a TID lower than
 the one already published for a storage keeps the old value for that storage
 and reports it in :attr:`Publication.decreases` (the daemon logs it at
 CRITICAL: a backup taken now may hold part of a transaction). Exception: a
-single-storage commit at or below its storage's published TID is simply
-ignored. Those are reported after the fact, so they may arrive late; they are
-already inside the published point and cannot be split.
+commit at or below the published TID of each of its storages is simply
+ignored: single-storage commits are reported after the fact, and a client
+re-sends reports that a lost connection may have swallowed, so they may
+arrive late; they are already inside the published point and cannot be
+split.
 
 Bootstrap
 ---------
@@ -189,6 +191,24 @@ class Tracker:
         """A copy of the in-flight transactions: id -> storages."""
         return dict(self._in_flight)
 
+    def limits(self) -> dict[str, int]:
+        """Storage -> the highest TID the reports allow publishing, for the
+        storages of live groups (the others have no limit from reports).
+
+        Used by the gate (``gate.py``), which publishes the largest point
+        below these limits that the files prove coherent.
+        """
+        published = self._published
+        return {s: published.get(s, -1) for s in self._group_of}
+
+    def observe_published(self, changes: Mapping[str, int]) -> None:
+        """The daemon published ``changes`` (through the gate): the reported
+        state moves up to them (never down)."""
+        published = self._published
+        for storage, tid in changes.items():
+            if tid > published.get(storage, -1):
+                published[storage] = tid
+
     def groups(self) -> list[tuple[frozenset[str], int, dict[str, int]]]:
         """The live groups as (storages, in-flight count, newest held TIDs)."""
         seen: dict[int, _Group] = {id(g): g for g in self._group_of.values()}
@@ -271,6 +291,10 @@ class Tracker:
                 # A late single-storage report: already below the published
                 # point, and a one-storage transaction cannot be split.
                 return self._end(group, txn, bounded)
+        elif all(t <= self._published.get(s, -1) for s, t in tids.items()):
+            # A late report of a transaction the published point already
+            # keeps whole (re-sent after a reconnection): nothing to hold.
+            return self._end(group, txn, bounded)
         if barrier:
             group.held.append(_Barrier(tids))
         else:

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import threading
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -261,11 +260,14 @@ def _two_phase_noop(specs, clients, description, coherency_id=None) -> dict[str,
                 f"{specs[sid].storage!r})")
         seen[key] = sid
     order = sorted(clients, key=keys.__getitem__)
-    # Stamped like any multi-storage commit (see storage.py), so that the
-    # files alone show it whole or split.
+    # Marked as the daemon's (``is_bootstrap_extension``) but, unless a
+    # coherency id is given, not stamped as a multi-storage transaction: it
+    # writes no data, so a daemon killed between its finishes leaves no
+    # split that matters (see gate.py).
     stamp = dict(BOOTSTRAP_EXTENSION["tidstorage"])
-    stamp["id"] = coherency_id or "ts:" + uuid.uuid4().hex
-    stamp["storages"] = sorted(specs)
+    if coherency_id:
+        stamp["id"] = coherency_id
+        stamp["storages"] = sorted(specs)
     txn = TransactionMetaData(
         user="", description=description, extension={"tidstorage": stamp})
     begun: list[str] = []       # tpc_begin called, client-side 2PC open
@@ -309,31 +311,6 @@ def _two_phase_noop(specs, clients, description, coherency_id=None) -> dict[str,
         raise ZeoUnavailable(message, current, specs[current].address) from exc
     logger.debug("bootstrap commit done: %s", finished)
     return {sid: finished[sid] for sid in specs}
-
-
-def scan_extensions(spec: ZeoSpec, since_tid: int | None, until_tid: int | None = None,
-                    timeout: float = 10.0, storage_id: str | None = None
-                    ) -> list[tuple[int, dict]]:
-    """``(tid, extension)`` of the storage's transactions with
-    ``since_tid < tid <= until_tid``, read through ZEO (no object data is
-    transferred: ZEO iterates transaction headers on the server)."""
-    client = open_client(spec, timeout, read_only=True, storage_id=storage_id)
-    try:
-        start = p64(since_tid + 1) if since_tid is not None else None
-        stop = p64(until_tid) if until_tid is not None else None
-        out = []
-        for record in client.iterator(start, stop):
-            ext = record.extension
-            out.append((u64(record.tid), ext if isinstance(ext, dict) else {}))
-        return out
-    except ZeoUnavailable:
-        raise
-    except Exception as exc:
-        raise ZeoUnavailable(
-            f"cannot read the transactions of {_describe(storage_id or spec.storage, spec)}: "
-            f"{_exc_text(exc)}", storage_id, spec.address) from exc
-    finally:
-        _close_quietly(client)
 
 
 def last_transaction(spec: ZeoSpec, timeout: float = 10.0) -> int:

@@ -1,0 +1,338 @@
+"""The publication gate: no published point splits a stamped transaction.
+
+Theory of operation
+===================
+
+The tracker (``tracker.py``) publishes from what clients *report*. Reports
+can be lost: a client that cannot reach the daemon commits anyway (commits
+never wait for the daemon for long), a daemon that restarts forgets what was
+in flight, a process dies between its ``tpc_finish`` calls. No rule about
+reports alone can be sound under such faults: a transaction whose client
+never got through is invisible to the daemon, and a single-storage commit
+reported by another client would move the point past it on one storage.
+
+So the daemon also *reads* its storages. Every multi-storage commit of a
+tidstorage writer carries a stamp (coherency id + storage ids) in its
+transaction record, identical in each storage (``stamps.py``). For each
+storage it can read (through ZEO, or its ``Data.fs``), the daemon keeps a
+*verified frontier* ``V[s]``: every transaction committed on ``s`` with a TID
+``<= V[s]`` has been read, with its stamp. A point ``P`` is published only if
+
+(R1) ``P[s] <= limit[s]``: the tracker's report-based bound (transactions of
+     legacy clients, which do not stamp, are only known from reports; see
+     "Limits" below);
+(R2) ``P[s] <= V[s]`` for every readable storage;
+(R3) ``P`` splits no known transaction: for each stamped transaction read so
+     far (and each reported multi-storage commit), either every part is kept
+     (``tid <= P[s]`` on each of its storages) or none is.
+
+Why (R2)+(R3) are exact, whatever the clocks, lock delays or lost reports.
+A storage commits serially in TID order: its TID is chosen under its commit
+lock (ZEO: at vote; FileStorage: at ``tpc_begin``), which is held until
+``tpc_finish``. So when the transaction at ``V[s]`` has finished, every
+transaction with a smaller TID on ``s`` has finished (or aborted), and all of
+them have been read. Take a stamped transaction ``T`` over ``a`` and ``b``.
+If it was read on ``a`` but not on ``b``, its part on ``b`` either does not
+exist or has a TID ``> V[b] >= P[b]``: ``T`` is not kept on ``b``, so (R3)
+drops it on ``a``. If it was read on neither, its TIDs are above both
+frontiers, so ``P`` keeps it nowhere. No TID is compared across storages and
+no time window is involved: a part is "missing" only because the frontier
+of its storage is known to be below it.
+
+The largest point satisfying (R1)-(R3) is computed as in
+``stamps.largest_coherent_cut``: start from the bounds; while a known
+transaction is split, lower each storage where it is kept to the TID just
+before it there; repeat. Each part flips from kept to dropped at most once,
+and a per-storage index finds the parts a lowering drops, so a computation
+costs O(parts log parts). The result is never below the point already
+published: the published point is coherent for everything known when it was
+published, and what is learnt later (frontiers only grow; new parts lie
+above the old frontiers) cannot make it split anything. A violation of that
+(only possible when reports from a legacy client or about an unreadable
+storage arrive late, see below) is reported, never acted on by moving back.
+
+Limits
+------
+Storages the daemon cannot read (no ``zeo`` nor ``data_fs`` configured) have
+no frontier: for them the gate takes the tracker's published TID as given,
+and a stamped transaction not reported for such a storage counts as not kept
+there. Such storages, and legacy clients' transactions, are only as safe as
+their reports: this is the legacy trust model, and ``server.py`` says so at
+start.
+
+A *split* (a transaction kept on some storages that can never appear on the
+others) needs no special rule here: its missing parts stay missing, so it is
+dropped for ever, and with it whatever later transaction links its storages
+to others. ``mark_split`` only records it for reports.
+
+This module does no I/O and no logging.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .stamps import Stamp
+
+__all__ = ["Gate", "NONE", "KnownTxn", "Violation"]
+
+#: A frontier or cut below every TID: nothing read / nothing kept.
+NONE = -1
+
+
+@dataclass(slots=True)
+class KnownTxn:
+    """A multi-storage transaction the gate knows of."""
+
+    id: str
+    storages: frozenset[str]
+    #: storage -> TID where its record was read (or reported)
+    parts: dict[str, int] = field(default_factory=dict)
+    #: proven never to appear on these storages (a split)
+    never: set[str] = field(default_factory=set)
+    #: its split under the published point cannot be undone (see Violation)
+    violated: bool = False
+
+    def kept(self, cut: Mapping[str, int]) -> int:
+        """How many of its parts ``cut`` keeps."""
+        return sum(1 for s, t in self.parts.items() if t <= cut.get(s, NONE))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts) == len(self.storages)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """The published point splits ``txn`` (learnt after publication)."""
+
+    txn: str
+    storages: tuple[str, ...]
+    parts: dict[str, int]
+
+
+class Gate:
+    """Verified frontiers, known transactions, and the publishable point."""
+
+    def __init__(self, readable: Iterable[str], published: Mapping[str, int] | None = None) -> None:
+        published = dict(published or {})
+        #: the published point (what DUMP and the TID log show)
+        self.published: dict[str, int] = published
+        #: readable storage -> verified frontier
+        self.verified: dict[str, int] = {s: published.get(s, NONE) for s in readable}
+        #: readable storage -> ascending TIDs read in (published, verified]
+        self._tids: dict[str, list[int]] = {s: [] for s in self.verified}
+        self._txns: dict[str, KnownTxn] = {}
+        #: storage -> ascending (tid, txn id) of known parts above published
+        self._parts: dict[str, list[tuple[int, str]]] = {}
+        #: transactions whose split was proven (kept after they leave _txns)
+        self.splits: dict[str, KnownTxn] = {}
+        #: unreadable storage -> the tracker's published TID offered
+        self._offered: dict[str, int] = {}
+        #: unreadable storages whose offer is above their published TID
+        self._behind: set[str] = set()
+
+    # -- queries ---------------------------------------------------------
+
+    def readable(self, storage: str) -> bool:
+        return storage in self.verified
+
+    def known(self, txn: str) -> KnownTxn | None:
+        return self._txns.get(txn)
+
+    def incomplete(self) -> list[KnownTxn]:
+        """Known transactions with some parts read and others not (yet)."""
+        return [t for t in self._txns.values() if t.parts and not t.complete and not t.never]
+
+    def __len__(self) -> int:
+        return len(self._txns)
+
+    # -- what the daemon learns ------------------------------------------
+
+    def feed(self, storage: str, records: Iterable[tuple[int, Stamp | None]]) -> None:
+        """Transactions read on ``storage``, ascending, all above its frontier.
+
+        The frontier moves to the last TID: the reader returns every
+        committed transaction after the old frontier, in order.
+        """
+        tids = self._tids[storage]
+        frontier = self.verified[storage]
+        for tid, stamp in records:
+            if tid <= frontier:
+                continue  # overlap with an earlier read (a re-read after a pack)
+            frontier = tid
+            tids.append(tid)
+            if stamp is not None:
+                self._add_part(stamp.id, stamp.storages, storage, tid, scanned=True)
+        self.verified[storage] = frontier
+
+    def report(self, txn: str, tids: Mapping[str, int]) -> None:
+        """A multi-storage commit reported by its client (or proven whole).
+
+        Reported parts of readable storages never override what was read
+        there (the files are the truth); they matter for legacy clients'
+        unstamped transactions and for unreadable storages.
+        """
+        if len(tids) < 2:
+            return
+        published = self.published
+        if txn not in self._txns and all(t <= published.get(s, NONE) for s, t in tids.items()):
+            return  # a late report of something already published whole
+        storages = frozenset(tids)
+        for storage, tid in tids.items():
+            self._add_part(txn, storages, storage, tid, scanned=False)
+
+    def mark_split(self, txn: str, missing: Iterable[str]) -> KnownTxn | None:
+        """Record a proven split (its missing parts can never appear)."""
+        known = self._txns.get(txn)
+        if known is None:
+            return None
+        known.never.update(missing)
+        self.splits[txn] = known
+        return known
+
+    def _add_part(self, txn: str, storages: Iterable[str], storage: str, tid: int,
+                  *, scanned: bool) -> None:
+        known = self._txns.get(txn)
+        if known is None:
+            known = self._txns[txn] = KnownTxn(txn, frozenset(storages) | {storage})
+        elif storage not in known.storages:
+            known.storages = known.storages | {storage}
+        old = known.parts.get(storage)
+        if old is not None:
+            if old == tid or not scanned:
+                return  # the first record (or the one read) stays
+            self._unindex(storage, old, txn)
+        known.parts[storage] = tid
+        index = self._parts.setdefault(storage, [])
+        if not index or index[-1][0] < tid:
+            index.append((tid, txn))
+        else:
+            bisect.insort(index, (tid, txn))
+
+    def _unindex(self, storage: str, tid: int, txn: str) -> None:
+        index = self._parts.get(storage, [])
+        i = bisect.bisect_left(index, (tid, txn))
+        if i < len(index) and index[i] == (tid, txn):
+            del index[i]
+
+    def _forget(self, known: KnownTxn) -> None:
+        del self._txns[known.id]
+        for storage, tid in known.parts.items():
+            self._unindex(storage, tid, known.id)
+
+    # -- publication -----------------------------------------------------
+
+    def compute(
+        self, limits: Mapping[str, int], offers: Mapping[str, int] | None = None
+    ) -> tuple[dict[str, int], list[Violation]]:
+        """Publish the largest point allowed by (R1)-(R3); return what moved.
+
+        ``limits``: readable storage -> the tracker's bound (absent: none).
+        ``offers``: unreadable storage -> the tracker's new published TID
+        (only what changed since the last call; the gate remembers).
+        """
+        published = self.published
+        offered = self._offered
+        behind = self._behind
+        if offers:
+            for storage, tid in offers.items():
+                if storage in self.verified:
+                    continue
+                if tid > offered.get(storage, NONE):
+                    offered[storage] = tid
+                    if tid > published.get(storage, NONE):
+                        behind.add(storage)
+        if not self._txns and not behind and not self.verified:
+            return {}, []
+        cut: dict[str, int] = {}
+        for storage, frontier in self.verified.items():
+            bound = frontier
+            limit = limits.get(storage)
+            if limit is not None and limit < bound:
+                bound = limit
+            old = published.get(storage, NONE)
+            cut[storage] = bound if bound > old else old
+        for storage in behind:
+            cut[storage] = offered[storage]
+        if self._txns:
+            # Unreadable storages not offered now still bound what the known
+            # transactions may keep there: their published TID.
+            for known in self._txns.values():
+                for storage in known.parts:
+                    if storage not in cut:
+                        cut[storage] = published.get(storage, NONE)
+        violations = self._lower(cut)
+        changed = {}
+        for storage, tid in cut.items():
+            if tid > published.get(storage, NONE):
+                changed[storage] = published[storage] = tid
+        for storage in list(behind):
+            if published.get(storage, NONE) >= offered[storage]:
+                behind.discard(storage)
+        if changed:
+            self._prune(changed)
+        return changed, violations
+
+    def _lower(self, cut: dict[str, int]) -> list[Violation]:
+        """Lower ``cut`` until no known transaction is split (see the doc)."""
+        published = self.published
+        work = collections.deque(t for t in self._txns.values() if not t.violated)
+        violations: list[Violation] = []
+        while work:
+            known = work.popleft()
+            if known.violated:
+                continue
+            kept = known.kept(cut)
+            if kept == 0 or kept == len(known.storages):
+                continue
+            for storage, tid in list(known.parts.items()):
+                if tid > cut.get(storage, NONE):
+                    continue
+                below = self._before(storage, tid)
+                floor = published.get(storage, NONE)
+                if below < floor:
+                    # The published point already keeps this part while
+                    # another is missing: it cannot be taken back.
+                    known.violated = True
+                    violations.append(Violation(known.id, tuple(sorted(known.storages)),
+                                                dict(known.parts)))
+                    break
+                old = cut[storage]
+                cut[storage] = below
+                index = self._parts.get(storage, [])
+                lo = bisect.bisect_right(index, below, key=_tid_of)
+                hi = bisect.bisect_right(index, old, key=_tid_of)
+                for _, other in index[lo:hi]:
+                    work.append(self._txns[other])
+        return violations
+
+    def _before(self, storage: str, tid: int) -> int:
+        """The largest TID on ``storage`` below ``tid`` (or the published one)."""
+        tids = self._tids.get(storage)
+        if tids is None:  # unreadable: no list of TIDs, any value below will do
+            return tid - 1
+        i = bisect.bisect_left(tids, tid)
+        if i:
+            return tids[i - 1]
+        return self.published.get(storage, NONE)
+
+    def _prune(self, changed: Mapping[str, int]) -> None:
+        published = self.published
+        for storage, tid in changed.items():
+            tids = self._tids.get(storage)
+            if tids:
+                del tids[: bisect.bisect_right(tids, tid)]
+        done = [
+            t for t in self._txns.values()
+            if t.complete and t.kept(published) == len(t.storages)
+        ]
+        for known in done:
+            self._forget(known)
+
+
+def _tid_of(entry: tuple[int, str]) -> int:
+    return entry[0]
