@@ -65,6 +65,7 @@ class Params:
     faults: dict[str, float]  # fault kind -> mean interval (seconds)
     timeout: float = 0.3  # the client's confirmation timeout
     sections: bool = False  # processes configure two sections for one daemon
+    slow_io: float = 0.0  # probability that one daemon read / no-op is slow
 
 
 def draw(rng: random.Random) -> Params:
@@ -81,6 +82,7 @@ def draw(rng: random.Random) -> Params:
     for kind, mean in (("kill", 2.5), ("kill_between", 2.0), ("exit", 4.0), ("drop", 2.0),
                        ("partition", 4.0), ("daemon_kill", 4.0), ("daemon_stop", 8.0),
                        ("zeo_restart", 5.0), ("lock_delay", 3.0), ("finish_error", 4.0),
+                       ("stall_between", 2.0),
                        ("clock_jump", 8.0)):
         if rng.random() < 0.55:
             faults[kind] = mean * rng.uniform(0.5, 2.0)
@@ -93,6 +95,7 @@ def draw(rng: random.Random) -> Params:
         threads=rng.choice((1, 1, 2)),
         faults=faults,
         sections=rng.random() < 0.2,
+        slow_io=rng.choice((0.0, 0.1, 0.3)),
     )
 
 
@@ -148,6 +151,12 @@ class World:
         heapq.heappush(self._queue, (self.now + max(delay, 0.0), next(self._seq), callback, args))
 
     def delay(self, low: float = 0.0005, high: float = 0.005) -> float:
+        return self.rng.uniform(low, high)
+
+    def io_delay(self, low: float = 0.0005, high: float = 0.01) -> float:
+        """A daemon read or no-op: sometimes slow (a busy ZEO server)."""
+        if self.rng.random() < self.params.slow_io:
+            return self.rng.uniform(0.02, 0.4)
         return self.rng.uniform(low, high)
 
     def log(self, text: str) -> None:
@@ -241,6 +250,12 @@ class World:
                 rng.choice(zeo).restart(rng.uniform(0.01, 0.3))
         elif kind == "lock_delay" and procs:
             rng.choice(procs).slow_next = rng.uniform(0.2, 2.0)
+        elif kind == "stall_between" and procs:
+            # the next commit stalls between its finishes (a slow client),
+            # and often loses its daemon connection meanwhile
+            proc = rng.choice(procs)
+            proc.stall_between = rng.uniform(0.1, 1.5)
+            proc.drop_while_stalled = rng.random() < 0.7
         elif kind == "finish_error" and procs:
             rng.choice(procs).fail_next_finish = rng.choice(("before", "after"))
         elif kind == "clock_jump":
@@ -428,6 +443,8 @@ class Process:
         self.tasks: set[Task] = set()
         self.holds: set[Txn] = set()
         self.kill_between = False
+        self.stall_between = 0.0
+        self.drop_while_stalled = False
         self.slow_next = 0.0
         self.fail_next_finish: str | None = None
         self.flush_armed = False
@@ -725,7 +742,13 @@ class Process:
                     flow.member_finished(s, tid)
                     self.session.finished(flow.id, s, tid)
             if i + 1 < len(storages):
-                yield ("sleep", w.delay(0.0001, 0.002) + (slow if w.rng.random() < 0.3 else 0))
+                stall = self.stall_between
+                if stall:
+                    self.stall_between = 0.0
+                    if self.drop_while_stalled and self.link is not None:
+                        self.link.drop()
+                yield ("sleep", w.delay(0.0001, 0.002) + stall
+                       + (slow if w.rng.random() < 0.3 else 0))
         if failed_at is not None:
             # the transaction package aborts every member after a failure
             for s in storages:
@@ -940,6 +963,8 @@ class Daemon:
             return
         w = self.world
         inc = self.incarnation
+        while core.verdicts:
+            self._check_verdict(*core.verdicts.popleft())
         for action in core.take_actions():
             if isinstance(action, co.Publish):
                 old = dict(self.tidlog)
@@ -950,13 +975,34 @@ class Daemon:
                 w.stats["publications"] += 1
                 w.log(f"publish {action.changes}")
             elif isinstance(action, co.Scan):
-                w.at(w.delay(0.0005, 0.01), self._scan, inc, action)
+                w.at(w.io_delay(), self._scan, inc, action)
             elif isinstance(action, co.Noop):
                 self._noop(inc, action)
             elif isinstance(action, co.CheckOwner):
                 w.at(w.delay(), self._owner, inc, action)
             elif isinstance(action, co.SetTimer):
                 w.at(action.delay, self._timer, inc, action.key)
+
+    def _check_verdict(self, txn: str, outcome: str, parts: dict) -> None:
+        """A verdict must say what the files hold when it is given."""
+        truth = self.world.truth.get(txn)
+        held = dict(truth.parts) if truth is not None else {}
+        members = set(truth.members) if truth is not None else set()
+        self.world.stats[f"verdict_{outcome}"] += 1
+        if parts != {s: t for s, t in held.items() if s in parts}:
+            raise Violation(f"verdict {outcome} for {txn} with parts {parts}; files hold {held}")
+        if outcome == "committed" and set(held) != members:
+            raise Violation(f"verdict committed for {txn}: files hold {held} of {members}")
+        # "aborted" (found nowhere) says only that nothing was committed when
+        # the storages were read: a client still alive may commit it later,
+        # and the gate then sees it like any transaction. But a transaction
+        # the daemon has itself published whole was found.
+        if outcome == "aborted" and held and set(held) == members:
+            published = self.core.published()
+            if all(t <= published.get(s, -1) for s, t in held.items()):
+                raise Violation(f"verdict aborted for {txn}, which is published whole: {held}")
+        if outcome == "split" and (not held or set(held) == members):
+            raise Violation(f"verdict split for {txn}: files hold {held} of {members}")
 
     def _alive(self, inc: int) -> bool:
         return self.up and self.incarnation == inc
@@ -969,7 +1015,7 @@ class Daemon:
             result = (None, "server down")
         else:
             result = (storage.scan(action.since), None)
-        self.world.at(self.world.delay(0.0005, 0.005), self._scan_done, inc, action, result)
+        self.world.at(self.world.io_delay(), self._scan_done, inc, action, result)
 
     def _scan_done(self, inc: int, action: co.Scan, result) -> None:
         if not self._alive(inc):
@@ -1010,8 +1056,7 @@ class Daemon:
                     w.at(w.delay(), h.storage.release, h)
                 return
             if i == len(holds):
-                self.core.noop_result(action.request, tids)
-                self.act()
+                w.at(w.io_delay(), self._noop_done, inc, action.request, tids)
                 return
             hold = holds[i]
             if not hold.storage.up or hold.storage.holder is not hold:
@@ -1024,6 +1069,11 @@ class Daemon:
             w.at(w.delay(0.0001, 0.001), finish, i + 1, tids)
 
         w.at(w.delay(), lock, 0)
+
+    def _noop_done(self, inc: int, request: int, tids: dict) -> None:
+        if self._alive(inc):
+            self.core.noop_result(request, tids)
+            self.act()
 
     def _owner(self, inc: int, action: co.CheckOwner) -> None:
         if not self._alive(inc):

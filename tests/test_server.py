@@ -444,3 +444,42 @@ def test_rate_limited_log_counts_what_it_holds_back(caplog):
         limited.log(logging.ERROR, "k", "bad %d", 99)
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["bad 0", "else", f"bad 99 (4 similar lines held back in the last {LOG_INTERVAL:g} s)"]
+
+
+def test_sync_answers_0_after_a_refused_begin(daemon):
+    """A client must not believe a refused BEGIN is registered."""
+    c = LegacyClient(daemon.address)
+    c.begin("dup", ["x"])
+    c.send_field("sync")
+    assert c.recv_field() == "1"
+    c.begin("dup", ["x"])  # refused: already in flight
+    c.send_field("sync")
+    assert c.recv_field() == "0"
+    c.commit("dup", {"x": 3})  # a refused COMMIT or ABORT does not fail a SYNC
+    c.commit("never-began", {"x": 4})
+    c.send_field("sync")
+    assert c.recv_field() == "1"
+
+
+def test_hello_answers_the_daemons_id_and_binds_the_session(daemon):
+    from tidstorage import protocol as p
+
+    def hello(secret):
+        sock = socket.create_connection(daemon.address, timeout=5)
+        sock.sendall(p.encode_hello("s-test", secret, 123, "host") + p.SYNC_REQUEST)
+        reader = p.ReplyReader()
+        while True:
+            reader.feed(sock.recv(4096))
+            daemon_id = reader.read_field()
+            sync = reader.read_int() if daemon_id is not None else None
+            if sync is not None:
+                return sock, daemon_id, sync
+
+    first, ident, sync = hello("secret-1")
+    assert ident and ident != "-" and sync == 1
+    again, ident2, sync = hello("secret-1")
+    assert ident2 == ident and sync == 1
+    other, refused, sync = hello("not-the-secret")  # another process cannot take it
+    assert refused == "-" and sync == 0
+    for sock in (first, again, other):
+        sock.close()

@@ -325,6 +325,8 @@ class Coordinator:
         self._ids = 0
         self._limited = RateLimitedLog(log, clock)
         self.stats = collections.Counter()
+        #: the latest verdicts: (txn, "committed" | "aborted" | "split", parts)
+        self.verdicts: collections.deque = collections.deque(maxlen=1000)
 
     # -- life cycle ------------------------------------------------------
 
@@ -378,6 +380,9 @@ class Coordinator:
         peer.closed = True
         clean = peer.quit
         session = peer.session
+        if session is not None:
+            log.debug("%s: session %s (pid %s) %s", peer.name, session.id, session.pid,
+                      "quit" if clean else "disconnected without QUIT")
         for txn in list(peer.begun):  # legacy transactions: they may come back
             self._timer(("legacy", txn), self.grace)
         if session is not None:
@@ -454,6 +459,8 @@ class Coordinator:
         # before: it keeps its session (its transactions are the session's).
         session.peers.add(peer)
         session.pid, session.host = pid, host
+        log.debug("%s: session %s (pid %d on %s), %d connection(s)", peer.name, sid, pid, host,
+                  len(session.peers))
         peer.session = session
         return p.encode_field(self.daemon_id)
 
@@ -606,8 +613,7 @@ class Coordinator:
         done = self._scan_done
         if any(done[s] < seq for s, seq in res.reads.items()):
             return  # a read is pending
-        known = self.gate.known(res.txn)
-        parts = dict(known.parts) if known is not None else {}
+        parts = self.gate.parts(res.txn)
         if res.phase == "reading":
             missing = set(res.storages) - set(parts)
             if not parts or not missing:
@@ -649,6 +655,7 @@ class Coordinator:
         else:
             outcome = "split"
         self.stats[outcome] += 1
+        self.verdicts.append((res.txn, outcome, dict(parts)))
         if state is not None:
             self._forget_txn(state)
             if state.in_tracker:
@@ -728,6 +735,12 @@ class Coordinator:
             self._scanned_once.add(storage)
             self._dirty = True
             self._check_bootstrapped()
+        if more:
+            self._limited.log(logging.INFO, f"reading {storage}",
+                              "reading storage %s: at %s, %d transactions read so far (a first"
+                              " read of its whole history, or a long absence)", storage,
+                              _short({storage: self.gate.verified[storage]}),
+                              self.stats["records"])
         if more or self._scan_again[storage]:
             self._scan_again[storage] = False
             self._request_scan(storage)

@@ -81,6 +81,9 @@ __all__ = ["Gate", "NONE", "KnownTxn", "Violation"]
 
 #: A frontier or cut below every TID: nothing read / nothing kept.
 NONE = -1
+#: Transactions published whole remembered after they are forgotten (for
+#: in-doubt resolutions that finish after the publication).
+MAX_WHOLE = 10_000
 
 
 @dataclass(slots=True)
@@ -130,6 +133,9 @@ class Gate:
         self._parts: dict[str, list[tuple[int, str]]] = {}
         #: transactions whose split was proven (kept after they leave _txns)
         self.splits: dict[str, KnownTxn] = {}
+        #: transactions published whole and forgotten since (bounded): an
+        #: in-doubt resolution may still ask where they were found
+        self._whole: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
         #: unreadable storage -> the tracker's published TID offered
         self._offered: dict[str, int] = {}
         #: unreadable storages whose offer is above their published TID
@@ -142,6 +148,14 @@ class Gate:
 
     def known(self, txn: str) -> KnownTxn | None:
         return self._txns.get(txn)
+
+    def parts(self, txn: str) -> dict[str, int]:
+        """Where ``txn`` was found (or reported), also shortly after it was
+        published whole and forgotten."""
+        known = self._txns.get(txn)
+        if known is not None:
+            return dict(known.parts)
+        return dict(self._whole.get(txn, {}))
 
     def incomplete(self) -> list[KnownTxn]:
         """Known transactions with some parts read and others not (yet)."""
@@ -223,6 +237,10 @@ class Gate:
         del self._txns[known.id]
         for storage, tid in known.parts.items():
             self._unindex(storage, tid, known.id)
+        if known.complete:
+            self._whole[known.id] = known.parts
+            if len(self._whole) > MAX_WHOLE:
+                self._whole.popitem(last=False)
 
     # -- publication -----------------------------------------------------
 

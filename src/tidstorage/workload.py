@@ -43,16 +43,23 @@ def open_databases(
     *,
     timeout: float = 1.0,
     wrap: bool = True,
+    files: Mapping[str, str] | None = None,
 ) -> dict[str, ZODB.DB]:
-    """One ZODB multi-database over ZEO storages, each wrapped for tidstorage.
+    """One ZODB multi-database over ZEO storages (and local FileStorages),
+    each wrapped for tidstorage.
 
-    ``zeo``: storage id -> ((host, port), zeo storage name).
+    ``zeo``: storage id -> ((host, port), zeo storage name); ``files``:
+    storage id -> ``Data.fs`` path, opened by this process.
     """
     from ZEO.ClientStorage import ClientStorage
+    from ZODB.FileStorage import FileStorage
 
+    bases = {name: ClientStorage(address, storage=zeo_storage, wait_timeout=30)
+             for name, (address, zeo_storage) in zeo.items()}
+    for name, path in (files or {}).items():
+        bases[name] = FileStorage(str(path))
     databases: dict[str, ZODB.DB] = {}
-    for name, (address, zeo_storage) in zeo.items():
-        base = ClientStorage(address, storage=zeo_storage, wait_timeout=30)
+    for name, base in sorted(bases.items()):
         storage = TIDStorage(base, name, server=server, timeout=timeout) if wrap else base
         for attempt in range(50):
             try:
@@ -143,7 +150,8 @@ def inject_kill_after_first_finish(databases: Mapping[str, ZODB.DB], nth: int) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--zeo", required=True, help='JSON {"id": ["host", port, "storage"], ...}')
+    parser.add_argument("--zeo", default="{}", help='JSON {"id": ["host", port, "storage"], ...}')
+    parser.add_argument("--files", default="{}", help='JSON {"id": "path/to/Data.fs", ...}')
     parser.add_argument("--server", required=True, help="daemon HOST:PORT")
     parser.add_argument("--writer", type=int, required=True)
     parser.add_argument("--transactions", type=int, default=100)
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = json.loads(args.zeo)
     zeo = {k: ((v[0], int(v[1])), str(v[2])) for k, v in spec.items()}
-    databases = open_databases(zeo, parse_server(args.server), timeout=args.timeout)
+    databases = open_databases(zeo, parse_server(args.server), timeout=args.timeout,
+                               files=json.loads(args.files))
     rng = random.Random(args.seed if args.seed is not None else args.writer)
     names = sorted(databases)
     prepare(databases, args.writer)
