@@ -102,6 +102,8 @@ def serve(config_path, address, port, status_file, verbose) -> None:
         asyncio.run(_serve(daemon, handler))
     except OSError as exc:
         _fail(f"cannot listen on {daemon.listen.address}:{daemon.listen.port}: {exc.strerror or exc}")
+    if daemon.exit_code:
+        sys.exit(daemon.exit_code)
 
 
 async def _serve(daemon, handler: logging.Handler) -> None:

@@ -12,7 +12,9 @@
     log_file = "var/tidstorage.log"      # optional; default stderr
     tls_cert = "cert.pem"        # optional, with tls_key
     tls_key = "key.pem"
-    in_doubt_grace = 60          # seconds
+    in_doubt_grace = 60          # seconds (legacy clients only, see the README)
+    legacy_clients = true        # accept clients that say no HELLO (legacy TIDStorage)
+    max_tid_ahead = 3600         # seconds: refuse reported TIDs further in the future
 
     [storages.main]              # "main": the storage id on the wire and in the log
     data_fs = "var/main/Data.fs"
@@ -43,6 +45,12 @@ from typing import Any
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 9001
 DEFAULT_IN_DOUBT_GRACE = 60.0
+#: How far (seconds of TID time) a reported TID may lie ahead of both the
+#: daemon's clock and the storage's last known TID: a forged or broken
+#: report with a TID far in the future would otherwise freeze the storage
+#: (every real commit after it would look like a decrease). A storage whose
+#: clock once jumped further ahead needs a larger value.
+DEFAULT_MAX_TID_AHEAD = 3600.0
 
 
 class ConfigError(Exception):
@@ -72,6 +80,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     in_doubt_grace: float = DEFAULT_IN_DOUBT_GRACE
+    legacy_clients: bool = True
+    max_tid_ahead: float = DEFAULT_MAX_TID_AHEAD
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,8 @@ _SERVER_KEYS = {
     "tls_cert": "path",
     "tls_key": "path",
     "in_doubt_grace": "seconds",
+    "legacy_clients": "bool",
+    "max_tid_ahead": "seconds",
 }
 _STORAGE_KEYS = {
     "data_fs": "path",
@@ -181,6 +193,10 @@ class _Reader:
             if value < 0:
                 raise self.fail(name, f"must not be negative, not {value}")
             return float(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(name, f"must be true or false, not {value!r}")
+            return value
         raise AssertionError(kind)
 
 

@@ -118,6 +118,10 @@ MAX_SESSIONS = 100_000
 #: Most ended transaction ids remembered, so that late repeated reports are
 #: recognised and ignored quietly.
 MAX_ENDED = 100_000
+#: Most unknown storage ids remembered for status (a flood of ids must not
+#: grow the daemon), and most names listed in one log line.
+MAX_UNKNOWN_IDS = 1000
+LOG_LIST_MAX = 8
 #: Repeated refusals / decreases: at most one log line per key this often (s).
 LOG_INTERVAL = 10.0
 LOG_KEYS_MAX = 10_000
@@ -291,6 +295,9 @@ class Coordinator:
         host: str = "",
         grace: float = 60.0,
         config_name: str = "CONFIG",
+        legacy_clients: bool = True,
+        any_storage: bool | None = None,
+        tid_ceiling: Callable[[int], int] | None = None,
     ) -> None:
         #: storage id -> "zeo", "file" or None (unreadable)
         self.kinds = {s: k for s, k in kinds.items()}
@@ -301,6 +308,15 @@ class Coordinator:
         self.host = host
         self.grace = grace
         self.config_name = config_name
+        #: accept reports from clients that say no HELLO (legacy TIDStorage)
+        self.legacy_clients = legacy_clients
+        #: accept storage ids that are not configured (only when none is)
+        self.any_storage = (not self.kinds) if any_storage is None else any_storage
+        #: tid_ceiling(last known TID of a storage) -> the highest plausible
+        #: TID for it now (None: no check); see _check_tids
+        self.tid_ceiling = tid_ceiling
+        #: storage ids reported but not configured: id -> peers that sent them
+        self.unknown_ids: dict[str, set[str]] = {}
         self.tracker = Tracker(initial)
         self.gate = Gate(readable, initial)
         self._actions: list[Action] = []
@@ -427,9 +443,16 @@ class Coordinator:
                 elif kind is p.INDOUBT:
                     state = self._txns.get(event[1])
                     if state is not None:
+                        if state.session is not None and peer.session is not state.session:
+                            raise Refused(f"INDOUBT {event[1]!r} from {peer.name}, which is not"
+                                          " the session that began it", "session")
                         self._in_doubt(state, "its client reported it", reported=True)
                 elif kind is p.LOST:
-                    self._lost(event[1], f"{peer.name} reported lost reports")
+                    # Only storages this client reported: a stranger's LOST
+                    # must not block anything.
+                    mine = peer.session.storages if peer.session is not None else peer.storages
+                    self._lost([s for s in event[1] if s in mine or self.kinds.get(s)],
+                               f"{peer.name} reported lost reports")
                 elif kind is p.QUIT:
                     peer.quit = True
                     break
@@ -466,7 +489,41 @@ class Coordinator:
 
     # -- reports -----------------------------------------------------------
 
+    def _check_client(self, peer: Peer) -> None:
+        if peer.session is None and not self.legacy_clients:
+            raise Refused(f"{peer.name} said no HELLO and legacy clients are refused"
+                          " ([server] legacy_clients = false)", "legacy")
+
+    def _check_storages(self, peer: Peer, storages) -> None:
+        if self.any_storage:
+            return
+        unknown = [s for s in storages if s not in self.kinds]
+        if unknown:
+            for storage in unknown[:LOG_LIST_MAX]:
+                peers = self.unknown_ids.setdefault(storage, set())
+                if len(self.unknown_ids) <= MAX_UNKNOWN_IDS and len(peers) < LOG_LIST_MAX:
+                    peers.add(peer.name)
+            raise Refused(f"storages {_names(unknown)} are not in the configuration", "unknown-id")
+
+    def _check_tids(self, txn: str, tids: Mapping[str, int]) -> None:
+        """Refuse TIDs implausibly far ahead of what each storage has shown
+        (a forged report would freeze a storage for ever: real commits would
+        then all be "decreasing"; see ``[server] max_tid_ahead``)."""
+        ceiling = self.tid_ceiling
+        if ceiling is None:
+            return
+        known = self.gate.verified
+        published = self.gate.published
+        for storage, tid in tids.items():
+            last = max(known.get(storage, NONE), published.get(storage, NONE))
+            limit = ceiling(last)
+            if tid > limit:
+                raise Refused(f"{txn!r}: TID {tid:#x} of storage {storage!r} is implausibly"
+                              f" far ahead (limit {limit:#x}; see [server] max_tid_ahead)",
+                              "future-tid")
+
     def _begin(self, peer: Peer, txn: str, storages: list[str], bounds) -> None:
+        self._check_client(peer)
         session = peer.session
         state = self._txns.get(txn)
         if state is not None:
@@ -481,6 +538,9 @@ class Coordinator:
         members = frozenset(storages)
         if not members:
             raise Refused(f"BEGIN {txn!r} names no storage", "empty")
+        self._check_storages(peer, members)
+        if bounds:
+            self._check_tids(txn, bounds)
         peer.storages.update(members)
         kinds = self.kinds
         readable = session is not None and all(kinds.get(s) for s in members)
@@ -494,7 +554,22 @@ class Coordinator:
             peer.begun.add(txn)
 
     def _end(self, peer: Peer, txn: str, tids: Mapping[str, int] | None) -> None:
+        self._check_client(peer)
         state = self._txns.get(txn)
+        if state is not None and state.session is not None and peer.session is not state.session:
+            # Reports are bound to the session that began the transaction: a
+            # coherency id read from a Data.fs must not let anyone end it.
+            raise Refused(f"{'COMMIT' if tids is not None else 'ABORT'} {txn!r} from"
+                          f" {peer.name}, which is not the session that began it", "session")
+        if tids is not None:
+            try:
+                self._check_tids(txn, tids)
+            except Refused:
+                # Its TIDs cannot be trusted; holding it in flight would
+                # block its storages for ever: it ends, as if aborted.
+                if state is not None:
+                    self._end(peer, txn, None)
+                raise
         if state is None:
             if txn in self._ended:
                 # A repeated late report (re-sent after a reconnection).

@@ -37,6 +37,7 @@ from .config import Config
 from .connection import BulkQueue, Connection
 from .coordinator import LOG_INTERVAL, RateLimitedLog  # noqa: F401  (re-exported)
 from .tidlog import TidLogWriter, read_log
+from .tids import tid_at, tid_seconds
 
 log = logging.getLogger("tidstorage.server")
 
@@ -127,10 +128,23 @@ class Daemon:
             if st.data_fs is not None:
                 self._files[sid] = st.data_fs
         self.daemon_id = uuid.uuid4().hex[:16]
+        ahead = server.max_tid_ahead
+
+        def tid_ceiling(last: int) -> int:
+            # the later of the daemon's clock and the storage's own last TID
+            # (its clock may run ahead), plus the allowed jump
+            now = time.time()
+            base = max(now, tid_seconds(last)) if last >= 0 else now
+            return tid_at(base + ahead)
+
         self.core = co.Coordinator(
             kinds, initial, clock=time.monotonic, daemon_id=self.daemon_id,
             host=socket.gethostname(), grace=server.in_doubt_grace,
-            config_name=str(config.path) if config.path else "CONFIG")
+            config_name=str(config.path) if config.path else "CONFIG",
+            legacy_clients=server.legacy_clients, tid_ceiling=tid_ceiling)
+        if not kinds:
+            log.warning("no [storages] in the configuration: any storage id is accepted and"
+                        " the daemon cannot read any storage (legacy mode)")
         self.writer: TidLogWriter | None = None
         if self.status_file is not None:
             self.status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +162,8 @@ class Daemon:
         self._workers: dict[str, _Worker] = {}
         self._stopped = asyncio.Event()
         self._log_failing = False
+        #: the process's exit status (1 if the TID log could not be completed)
+        self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
 
@@ -201,17 +217,33 @@ class Daemon:
             handle.cancel()
         self._timers.clear()
         if self.writer is not None:
-            self._write_log(self.writer.close)
+            try:
+                self.writer.close()
+            except Exception as exc:
+                self.exit_code = 1
+                log.error(
+                    "stopping: could not write the last published TIDs to the TID log %s"
+                    " (%s: %s): it lacks %s; a restart serves the older point it holds",
+                    self.status_file, type(exc).__name__, exc,
+                    co._short(self.writer.unwritten or self.core.published()))
         for reader in self._readers.values():
             reader.close()
         log.info("stopped; published TIDs: %s", co._short(self.core.published()))
         self._stopped.set()
 
     def reopen_logs(self) -> None:
-        """SIGHUP: start a new TID log file (with a full record)."""
-        if self.writer is not None:
-            self._write_log(self.writer.reopen)
-            log.info("reopened TID log %s", self.status_file)
+        """SIGHUP: start a new TID log file (with a full record).
+
+        If that fails, the old file stays in use (and the timer runs on)."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.reopen()
+        except Exception as exc:  # a bad path, a full disk, a permission...
+            log.error("cannot reopen the TID log %s (%s: %s): still writing to the file"
+                      " that was open", self.status_file, type(exc).__name__, exc)
+            return
+        log.info("reopened TID log %s", self.status_file)
 
     def describe(self) -> str:
         """SIGUSR1: the internal state in a few lines."""
@@ -300,8 +332,10 @@ class Daemon:
     # -- the TID log -------------------------------------------------------
 
     def _tick(self) -> None:
-        self._write_log(self.writer.tick)
-        self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+        try:
+            self._write_log(self.writer.tick)
+        finally:  # whatever happens, the next tick comes
+            self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def _write_log(self, action: Callable, *args) -> None:
         """Run a TID log write; log a failure once, and the recovery once.
@@ -311,10 +345,11 @@ class Daemon:
         """
         try:
             action(*args)
-        except OSError as exc:
+        except Exception as exc:  # OSError mostly; anything else is reported too
             if not self._log_failing:
                 self._log_failing = True
-                log.error("cannot write the TID log %s: %s (will retry)", self.status_file, exc)
+                log.error("cannot write the TID log %s: %s: %s (will retry)", self.status_file,
+                          type(exc).__name__, exc)
             return
         if self._log_failing:
             self._log_failing = False

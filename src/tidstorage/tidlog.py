@@ -842,10 +842,29 @@ class TidLogWriter:
             self._pending.clear()
 
     def reopen(self) -> None:
-        """Reopen `path` (after logrotate, on SIGHUP) and write a full record to it."""
-        self._close_fd()
-        self._open()
+        """Reopen `path` (after logrotate, on SIGHUP) and write a full record to it.
+
+        The new file is opened before the old one is closed: if that fails,
+        the writer keeps writing to the old file and the error propagates.
+        """
+        old_fd, old_good, old_last = self._fd, self._good_size, self._last_time
+        self._fd = None
+        self._good_size = None
+        try:
+            self._open()
+        except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._good_size, self._last_time = old_fd, old_good, old_last
+            raise
+        if old_fd is not None:
+            os.close(old_fd)
         self.write_full()
+
+    @property
+    def unwritten(self) -> dict[str, int]:
+        """Published TIDs not written to the file yet."""
+        return dict(self._pending)
 
     def close(self) -> None:
         """Flush pending changes and close the file.  Idempotent."""

@@ -1,0 +1,231 @@
+"""The daemon against forged reports, poisoned state and failing files
+(issue "close the data-loss, integrity and denial-of-service holes").
+
+Real ``tidstorage serve`` processes, real sockets, real signals and file
+system failures (a directory moved away, a file size limit set on the live
+process with ``prlimit``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import time
+
+import pytest
+from daemon import DaemonProcess
+from test_storage_faults import wait_for_log
+
+from tidstorage import protocol as p
+
+from tidstorage.tidlog import read_log
+from tidstorage.tids import tid_at
+
+
+class Raw:
+    """A client speaking the protocol byte by byte (optionally as a session)."""
+
+    def __init__(self, daemon, session: tuple[str, str] | None = None) -> None:
+        self.sock = socket.create_connection(daemon.address, timeout=10)
+        self.reader = p.ReplyReader()
+        if session is not None:
+            self.send(p.encode_hello(session[0], session[1], os.getpid(), "here"))
+            assert self.field() not in (None, "-")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _wait(self, read):
+        while (value := read()) is None:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.reader.feed(data)
+        return value
+
+    def field(self) -> str:
+        return self._wait(self.reader.read_field)
+
+    def sync(self) -> int:
+        self.send(p.SYNC_REQUEST)
+        return self._wait(self.reader.read_int)
+
+    def dump(self) -> dict:
+        self.send(p.DUMP_REQUEST)
+        return self._wait(self.reader.read_dict)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def configured(tmp_path):
+    """A daemon whose config names storages a and b (local files it reads)."""
+    from ZODB.FileStorage import FileStorage
+
+    storages = {}
+    for name in ("a", "b"):
+        path = tmp_path / name / "Data.fs"
+        path.parent.mkdir()
+        FileStorage(str(path)).close()
+        storages[name] = {"data_fs": str(path)}
+    d = DaemonProcess(tmp_path / "daemon", storages=storages).start()
+    d.wait_bootstrapped()
+    yield d
+    d.kill()
+
+
+def test_reports_are_bound_to_the_session_that_began_the_transaction(configured):
+    """A coherency id read from a Data.fs does not let a stranger end it."""
+    owner = Raw(configured, ("s-owner", "owner-secret"))
+    owner.send(p.encode_begin("ts:s-owner-1", ["a", "b"], {"a": 0, "b": 0}))
+    assert owner.sync() == 1
+    stranger = Raw(configured, ("s-stranger", "other-secret"))
+    stranger.send(p.encode_abort("ts:s-owner-1") + p.encode_in_doubt("ts:s-owner-1")
+                  + p.encode_commit("ts:s-owner-1", {"a": 5, "b": 5}))
+    assert stranger.sync() == 1  # refused reports do not fail a SYNC ...
+    log = wait_for_log(configured, "not the session that began it")
+    assert "ts:s-owner-1" in log
+    state = describe(configured)
+    assert "in flight ts:s-owner-1" in state  # ... and changed nothing
+    # nor can a stranger take the session over without its secret
+    with pytest.raises(AssertionError):
+        Raw(configured, ("s-owner", "guessed"))
+    owner.send(p.encode_abort("ts:s-owner-1"))
+    assert owner.sync() == 1
+    assert "in flight ts:s-owner-1" not in describe(configured)
+
+
+def describe(daemon) -> str:
+    start = len(daemon.log())
+    daemon.signal(signal.SIGUSR1)
+    text = wait_for_log(daemon, r"in_flight=\d+", start)
+    return text[text.index("state:"):]
+
+
+def test_unknown_storage_ids_are_refused_and_remembered(configured):
+    c = Raw(configured, ("s-typo", "typo-secret"))
+    c.send(p.encode_begin("ts:s-typo-1", ["a", "secnd"], {"a": 0, "secnd": 0}))
+    assert c.sync() == 0  # not registered: the client knows
+    c.send(p.encode_begin("legacy", ["secnd"]) + p.encode_commit("legacy", {"secnd": 9}))
+    c.sync()
+    assert "secnd" not in c.dump()
+    log = wait_for_log(configured, "not in the configuration")
+    assert "secnd" in log
+
+
+def test_a_tid_far_in_the_future_is_refused_and_cannot_freeze_a_storage(tmp_path):
+    d = DaemonProcess(tmp_path / "daemon").start()  # no [storages]: any id
+    try:
+        with d.client() as c:
+            c.begin("poison", ["x"])
+            c.commit("poison", {"x": 2**64 - 1})
+            c.begin("far", ["x"])
+            c.commit("far", {"x": tid_at(time.time() + 7200)})
+            now = tid_at(time.time())
+            c.begin("real", ["x"])
+            c.commit("real", {"x": now})
+            c.sync()
+            assert c.dump() == {"x": now}
+        assert "implausibly far ahead" in d.log()
+    finally:
+        d.kill()
+
+
+def test_shutdown_exits_nonzero_when_the_last_records_cannot_be_written(tmp_path):
+    """A failing final flush is reported: exit code 1 and what is missing."""
+    d = DaemonProcess(tmp_path / "daemon", server={"burst_period": 60,
+                                                    "full_dump_period": None}).start()
+    # a first record bigger than the daemon's own log will ever be, so the
+    # size limit set below stops the TID log but not the daemon's log
+    many = {f"pad{i:04d}": 100 for i in range(600)}
+    with d.client() as c:
+        c.begin("t1", ["x", *many])
+        c.commit("t1", {"x": 100, **many})  # the first change is written at once
+        c.sync()
+        deadline = time.monotonic() + 20
+        while read_log(d.status_file).final_tids() != {"x": 100, **many}:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        size = d.status_file.stat().st_size
+        # the TID log may not grow any more (EFBIG for the daemon)
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (size, size))
+        c.begin("t2", ["x"])
+        c.commit("t2", {"x": 350})  # pending: the burst period has not passed
+        c.sync()
+    assert d.stop() == 1
+    log = d.log()
+    assert "could not write the last published TIDs" in log and "x=0x15e" in log, log[-2000:]
+    assert read_log(d.status_file).final_tids()["x"] == 100
+
+
+def test_a_failed_sighup_reopen_keeps_the_old_file_and_the_timer(tmp_path):
+    d = DaemonProcess(tmp_path / "daemon", server={
+        "status_file": str(tmp_path / "logs" / "tidstorage.tid")}).start()
+    try:
+        moved = tmp_path / "logs-moved"
+        with d.client() as c:
+            c.begin("t1", ["x"])
+            c.commit("t1", {"x": 1})
+            c.sync()
+            shutil.move(str(tmp_path / "logs"), moved)  # the new path cannot be created
+            start = len(d.log())
+            d.signal(signal.SIGHUP)
+            wait_for_log(d, "cannot reopen the TID log", start)
+            c.begin("t2", ["x"])
+            c.commit("t2", {"x": 2})
+            c.sync()
+            # still written, to the file that was open (now moved), by the timer
+            deadline = time.monotonic() + 20
+            while read_log(moved / "tidstorage.tid").final_tids() != {"x": 2}:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert "works again" not in d.log()[start:]
+            (tmp_path / "logs").mkdir()
+            d.signal(signal.SIGHUP)
+            wait_for_log(d, "reopened TID log", start)
+            deadline = time.monotonic() + 20
+            while read_log(tmp_path / "logs" / "tidstorage.tid").final_tids() != {"x": 2}:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert c.dump() == {"x": 2}
+    finally:
+        d.kill()
+
+
+def test_legacy_clients_can_be_refused(tmp_path):
+    d = DaemonProcess(tmp_path / "daemon", server={"legacy_clients": False}).start()
+    try:
+        with d.client() as c:
+            c.send_raw(p.encode_begin("legacy", ["x"]) + p.encode_commit("legacy", {"x": 5}))
+            c.send_raw(p.SYNC_REQUEST)
+            assert c._read(c._reader.read_int) == 0
+            assert c.dump() == {}
+        assert "legacy clients are refused" in d.log()
+    finally:
+        d.kill()
+
+
+def test_a_strangers_lost_does_not_block_storages_it_never_reported(tmp_path):
+    d = DaemonProcess(tmp_path / "daemon").start()  # x is unreadable (legacy mode)
+    try:
+        with d.client() as c:
+            c.begin("t1", ["x"])
+            c.commit("t1", {"x": 5})
+            c.sync()
+        stranger = Raw(d, ("s-stranger", "secret-stranger"))
+        stranger.send(p.encode_lost(["x"]))
+        assert stranger.sync() == 1
+        with d.client() as c:
+            c.begin("t2", ["x"])
+            c.commit("t2", {"x": 6})
+            c.sync()
+            assert c.dump() == {"x": 6}
+    finally:
+        d.kill()
+
+
+
