@@ -40,6 +40,13 @@ BULK_PIECE = 16 * 1024
 #: ...for at most this long per event-loop iteration (then other peers, and
 #: DUMPs, get their turn).
 BULK_SLICE_SECONDS = 0.001
+#: Most DUMPs answered per batch of commands of one peer: a burst of DUMPs
+#: (each reply holds every published TID) is answered a few at a time, as
+#: the peer reads the replies (see ``Connection.pause_writing``).
+DUMPS_PER_BATCH = 4
+#: Bytes an unauthenticated peer may send before its AUTH is complete (an
+#: AUTH is a few dozen bytes): nothing is buffered for strangers.
+MAX_PREAUTH_BYTES = 4096
 
 
 class BulkQueue:
@@ -58,14 +65,24 @@ class BulkQueue:
     def _work(self) -> None:
         deadline = time.perf_counter() + BULK_SLICE_SECONDS
         queue = self._queue
-        while queue and time.perf_counter() < deadline:
-            conn = queue.popleft()
-            if not conn.work(deadline):
-                queue.append(conn)
-        if queue:
-            asyncio.get_running_loop().call_soon(self._work)
-        else:
-            self._scheduled = False
+        try:
+            while queue and time.perf_counter() < deadline:
+                conn = queue.popleft()
+                try:
+                    drained = conn.work(deadline)
+                except Exception:
+                    # A bug must cost that connection, not every bulk reader.
+                    log.exception("%s: unexpected error while applying its commands;"
+                                  " closing the connection", conn.peer.name)
+                    conn.close()
+                    continue
+                if not drained:
+                    queue.append(conn)
+        finally:
+            if queue:
+                asyncio.get_running_loop().call_soon(self._work)
+            else:
+                self._scheduled = False
 
 
 class Connection(asyncio.Protocol):
@@ -73,7 +90,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "daemon", "transport", "peer", "decoder", "authenticated", "closing",
-        "backlog", "write_paused",
+        "backlog", "write_paused", "events", "received",
     )
 
     def __init__(self, daemon: "Daemon") -> None:
@@ -85,6 +102,10 @@ class Connection(asyncio.Protocol):
         self.transport = None
         self.backlog: collections.deque[bytes] = collections.deque()
         self.write_paused = False
+        #: decoded commands not applied yet (a DUMP burst waits for its replies
+        #: to be read)
+        self.events: collections.deque[tuple] = collections.deque()
+        self.received = 0  # bytes received (counted until authenticated)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -115,6 +136,11 @@ class Connection(asyncio.Protocol):
         self.daemon.bulk.add(self)
 
     def process(self, data: bytes) -> None:
+        if not self.authenticated:
+            self.received += len(data)
+            if self.received > MAX_PREAUTH_BYTES:
+                self.daemon.refuse(self, f"{self.received} bytes before AUTH")
+                return
         events = self.decoder.feed(data)
         if not events:
             return
@@ -122,9 +148,50 @@ class Connection(asyncio.Protocol):
             events = self.daemon.check_auth(self, events)
             if not events:
                 return
+        if self.events:
+            self.events.extend(events)
+            return
+        if self._fits(events):
+            self._apply(events)
+        else:
+            self.events.extend(events)
+            self.run_events()
+
+    def _fits(self, events: list[tuple]) -> bool:
+        if self.write_paused or self.daemon.replies_waiting(self):
+            return False
+        dumps = 0
+        for event in events:
+            if event[0] is p.DUMP:
+                dumps += 1
+                if dumps > DUMPS_PER_BATCH:
+                    return False
+        return True
+
+    def _apply(self, events: list[tuple]) -> None:
         out = self.daemon.apply(self, events)
         if out and not self.closing:
             self.transport.write(out)
+
+    def run_events(self) -> None:
+        """Apply deferred commands, a few DUMPs at a time, while the peer
+        reads its replies (and the daemon's reply budget allows)."""
+        events = self.events
+        while events and not self.closing:
+            if self.write_paused or self.daemon.replies_waiting(self):
+                self.transport.pause_reading()
+                return
+            batch = []
+            dumps = 0
+            while events:
+                if events[0][0] is p.DUMP:
+                    if dumps == DUMPS_PER_BATCH:
+                        break
+                    dumps += 1
+                batch.append(events.popleft())
+            self._apply(batch)
+        if not events and not self.closing and not self.write_paused and not self.backlog:
+            self.transport.resume_reading()
 
     def work(self, deadline: float) -> bool:
         """Process queued pieces until ``deadline``; True when drained."""
@@ -139,7 +206,7 @@ class Connection(asyncio.Protocol):
                 break
         if backlog:
             return False
-        if not self.closing and not self.write_paused:
+        if not self.closing and not self.write_paused and not self.events:
             self.transport.resume_reading()
         return True
 
@@ -148,6 +215,12 @@ class Connection(asyncio.Protocol):
         while self.backlog and not self.closing:
             self.process(self.backlog.popleft())
         self.backlog.clear()
+        if self.events and not self.closing:
+            # replies cannot be read any more: apply what has none to read
+            batch = [e for e in self.events if e[0] is not p.DUMP]
+            self.events.clear()
+            if batch:
+                self.daemon.apply(self, batch)
 
     def eof_received(self) -> bool:
         self.drain()
@@ -164,10 +237,14 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.transport.pause_reading()
+        self.daemon.writer_paused(self, True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if not self.backlog:
+        self.daemon.writer_paused(self, False)
+        if self.events:
+            self.run_events()
+        elif not self.backlog:
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:

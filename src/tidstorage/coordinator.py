@@ -118,6 +118,13 @@ MAX_SESSIONS = 100_000
 #: Most ended transaction ids remembered, so that late repeated reports are
 #: recognised and ignored quietly.
 MAX_ENDED = 100_000
+#: Most open connections of one session (a process has one per daemon; a
+#: few more while reconnections race): budgets per client, not per address.
+MAX_PEERS_PER_SESSION = 16
+#: Most transactions in flight in all, and per session (a process commits
+#: one transaction per thread at a time): a BEGIN beyond is refused.
+MAX_IN_FLIGHT = 100_000
+MAX_TXNS_PER_SESSION = 10_000
 #: Most unknown storage ids remembered for status (a flood of ids must not
 #: grow the daemon), and most names listed in one log line.
 MAX_UNKNOWN_IDS = 1000
@@ -478,6 +485,11 @@ class Coordinator:
             # Not the process that opened this session: a fresh session
             # under another name would do, but never the same one.
             raise Refused(f"HELLO for session {sid!r} with the wrong secret", "session")
+        live = {other for other in session.peers if not other.closed}
+        if len(live) >= MAX_PEERS_PER_SESSION:
+            raise Refused(f"session {sid!r} has {len(live)} connections already"
+                          " (MAX_PEERS_PER_SESSION)", "budget")
+        session.peers = live
         # A connection the client gave up on may still deliver what it sent
         # before: it keeps its session (its transactions are the session's).
         session.peers.add(peer)
@@ -541,6 +553,12 @@ class Coordinator:
         self._check_storages(peer, members)
         if bounds:
             self._check_tids(txn, bounds)
+        if len(self._txns) >= MAX_IN_FLIGHT:
+            raise Refused(f"BEGIN {txn!r}: {len(self._txns)} transactions in flight already"
+                          " (MAX_IN_FLIGHT)", "budget")
+        if session is not None and len(session.txns) >= MAX_TXNS_PER_SESSION:
+            raise Refused(f"BEGIN {txn!r}: session {session.id} has {len(session.txns)}"
+                          " transactions in flight already (MAX_TXNS_PER_SESSION)", "budget")
         peer.storages.update(members)
         kinds = self.kinds
         readable = session is not None and all(kinds.get(s) for s in members)

@@ -46,6 +46,26 @@ TICK_SECONDS = 0.2
 #: How long a no-op commit may wait to connect to its ZEO servers (seconds).
 NOOP_CONNECT_TIMEOUT = 10.0
 
+# Budgets: what peers can make the daemon hold, whatever they send. With
+# these, its memory stays below about MAX_CONNECTIONS x (WRITE_HIGH_WATER +
+# a batch of replies) + MAX_REPLY_BYTES, and strangers cost MAX_UNAUTHENTICATED
+# x MAX_PREAUTH_BYTES.
+#: Most client connections at once (application processes hold one or two
+#: each; beyond this, new connections are closed at once).
+MAX_CONNECTIONS = 4096
+#: Most connections that have not authenticated yet (when a token is set).
+MAX_UNAUTHENTICATED = 256
+#: An unauthenticated connection is closed after this long (seconds).
+UNAUTHENTICATED_IDLE = 10.0
+#: A failed AUTH closes its connection after this delay (seconds): guessing
+#: costs MAX_UNAUTHENTICATED tries per delay at most.
+AUTH_FAILURE_DELAY = 1.0
+#: Most reply bytes waiting in the buffers of peers that do not read them;
+#: beyond this, commands with replies wait (DUMP floods).
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+#: Accept queue of the listening socket.
+BACKLOG = 1024
+
 
 @dataclass(frozen=True)
 class ListenOptions:
@@ -158,6 +178,10 @@ class Daemon:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._write_paused: set[Connection] = set()
+        self._waiting_replies: set[Connection] = set()
+        self._unauthenticated = 0
+        self._limited = co.RateLimitedLog(log, time.monotonic)
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._workers: dict[str, _Worker] = {}
         self._stopped = asyncio.Event()
@@ -181,8 +205,9 @@ class Daemon:
             self.listen.port,
             ssl=self.listen.ssl_context,
             reuse_address=True,
-            backlog=4096,
+            backlog=BACKLOG,
         )
+        loop.set_exception_handler(self._loop_error)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         log.info(
@@ -357,13 +382,82 @@ class Daemon:
 
     # -- connections -------------------------------------------------------
 
+    def _loop_error(self, loop, context: dict) -> None:
+        """asyncio's own errors (accept() out of file descriptors...), at
+        most one line per kind per interval."""
+        message = context.get("message", "asyncio error")
+        exc = context.get("exception")
+        key = f"loop {message} {type(exc).__name__ if exc else ''}"
+        self._limited.log(logging.ERROR, key, "%s%s", message, f": {exc!r}" if exc else "")
+
     def connection_made(self, conn: Connection) -> None:
+        full = len(self._connections) >= MAX_CONNECTIONS
+        strangers = not conn.authenticated and self._unauthenticated >= MAX_UNAUTHENTICATED
+        if full or strangers:
+            self._limited.log(logging.WARNING, "connection cap",
+                              "%s: refused: %s", conn.peer.name,
+                              f"{MAX_CONNECTIONS} connections already (MAX_CONNECTIONS)" if full
+                              else f"{MAX_UNAUTHENTICATED} unauthenticated connections already"
+                              " (MAX_UNAUTHENTICATED)")
+            conn.closing = True
+            conn.transport.abort()
+            return
         self._connections.add(conn)
+        if not conn.authenticated:
+            self._unauthenticated += 1
+            self._loop.call_later(UNAUTHENTICATED_IDLE, self._auth_deadline, conn)
+
+    def _auth_deadline(self, conn: Connection) -> None:
+        if not conn.authenticated and not conn.closing:
+            self.refuse(conn, f"no AUTH within {UNAUTHENTICATED_IDLE:g} s")
+
+    def _authenticated(self, conn: Connection) -> None:
+        conn.authenticated = True
+        self._unauthenticated -= 1
+
+    def refuse(self, conn: Connection, why: str) -> None:
+        """Close an unauthenticated connection that broke a budget."""
+        self._limited.log(logging.WARNING, f"refuse {why[:20]}", "%s: closed: %s",
+                          conn.peer.name, why)
+        conn.close()
 
     def connection_closed(self, conn: Connection) -> None:
+        if conn not in self._connections:
+            return  # refused at once
         self._connections.discard(conn)
+        if not conn.authenticated:
+            self._unauthenticated -= 1
+            conn.authenticated = True  # counted once
+        self.writer_paused(conn, False)
+        self._waiting_replies.discard(conn)
         self.core.connection_closed(conn.peer)
         self.run_actions()
+
+    def writer_paused(self, conn: Connection, paused: bool) -> None:
+        if paused:
+            self._write_paused.add(conn)
+            return
+        self._write_paused.discard(conn)
+        if self._waiting_replies and not self._reply_pressure():
+            waiting, self._waiting_replies = self._waiting_replies, set()
+            for other in waiting:
+                if not other.closing:
+                    self._loop.call_soon(other.run_events)
+
+    def _reply_pressure(self) -> bool:
+        total = 0
+        for conn in self._write_paused:
+            total += conn.transport.get_write_buffer_size()
+            if total > MAX_REPLY_BYTES:
+                return True
+        return False
+
+    def replies_waiting(self, conn: Connection) -> bool:
+        """Must ``conn``'s commands wait (too many replies not read)?"""
+        if len(self._write_paused) * 256 * 1024 < MAX_REPLY_BYTES or not self._reply_pressure():
+            return False
+        self._waiting_replies.add(conn)
+        return True
 
     def apply(self, conn: Connection, events: list[tuple]) -> bytes:
         """Apply decoded commands from one connection; return the replies."""
@@ -386,12 +480,17 @@ class Daemon:
         first = events[0]
         token = self.listen.auth_token
         if first[0] is p.AUTH and hmac.compare_digest(first[1].encode(), token.encode()):
-            conn.authenticated = True
+            self._authenticated(conn)
             conn.write(b"1\n")
             return events[1:]
         what = "wrong token" if first[0] is p.AUTH else f"{first[0]} before AUTH"
-        log.error("%s: authentication failed (%s); closing the connection", conn.peer.name, what)
-        conn.close()
+        self._limited.log(logging.ERROR, "auth failed",
+                          "%s: authentication failed (%s); closing the connection in %g s",
+                          conn.peer.name, what, AUTH_FAILURE_DELAY)
+        # Slow guessing down: the connection stays, useless, for a while.
+        conn.closing = True
+        conn.transport.pause_reading()
+        self._loop.call_later(AUTH_FAILURE_DELAY, conn.transport.close)
         return None
 
 
