@@ -23,7 +23,7 @@ Setup (everything on this machine):
   - with ``--decompose``, two more wrapped ones that split the overhead:
     ``null`` (the wrapper with a no-op reporter: the wrapper's own cost)
     and ``sink`` (a real ``Reporter`` talking to a minimal process that
-    only answers ``SYNC``: wrapper + messaging, without the daemon's work).
+    only answers ``HELLO`` and ``SYNC``: wrapper + messaging, without the daemon's work).
 
 What is timed: ``transaction_manager.commit()`` of a transaction that
 modified one small ``PersistentMapping`` (one key) in *each* of the two
@@ -92,7 +92,7 @@ from persistent.mapping import PersistentMapping  # noqa: E402
 from servers import ZeoServer, free_port, wait_for_port  # noqa: E402
 from tidstorage import workload  # noqa: E402
 from tidstorage.processes import DaemonProcess  # noqa: E402
-from tidstorage.reporter import Reporter, Ticket  # noqa: E402
+from tidstorage.reporter import Reporter  # noqa: E402
 from tidstorage.storage import TIDStorage  # noqa: E402
 
 STORAGES = ("s1", "s2")
@@ -103,8 +103,9 @@ TARGET_SINGLE = 0.03
 # -- processes ----------------------------------------------------------------
 
 
-#: ``--decompose``: a minimal daemon stand-in that reads everything and
-#: answers ``1`` to each ``SYNC`` (no parsing, no tracking, no TID log).
+#: ``--decompose``: a minimal daemon stand-in that reads everything, answers
+#: a daemon id to ``HELLO`` and ``1`` to each ``SYNC`` (no parsing, no
+#: tracking, no TID log).
 SINK = r"""
 import select, socket, sys
 srv = socket.socket()
@@ -123,28 +124,35 @@ while True:
         if not data:
             conns.remove(c)
             c.close()
-        elif b"SYNC\n" in data:
-            c.sendall(b"1\n" * data.count(b"SYNC\n"))
+            continue
+        reply = b"sink\n" if data.startswith(b"HELLO\n") else b""  # the daemon id
+        if b"SYNC\n" in data:
+            reply += b"1\n" * data.count(b"SYNC\n")
+        if reply:
+            c.sendall(reply)
 """
 
 
 class NullReporter:
-    """``--decompose``: the wrapper's own cost, without any message sent."""
+    """``--decompose``: the wrapper's own cost, without any message sent
+    (the ``Reporter`` API the wrapper calls: ``begin(txn, storages, bounds)``,
+    ``confirm(txn)``, ``finished``, ``ended``, ``single``)."""
 
     connected = True
 
-    def begin(self, txn, storages, bounds=None):
-        ticket = Ticket(tuple(storages))
-        ticket.settle(True)
-        return ticket
+    def target(self):
+        return self
 
-    def confirm(self, ticket) -> bool:
-        return ticket.ok
-
-    def commit(self, *args) -> None:
+    def begin(self, txn, storages, bounds=None) -> None:
         pass
 
-    abort = in_doubt = single = close = commit
+    def confirm(self, txn) -> bool:
+        return True
+
+    def finished(self, *args) -> None:
+        pass
+
+    ended = single = acquire = release = close = finished
 
 
 # -- the commits ----------------------------------------------------------------

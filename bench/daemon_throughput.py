@@ -38,7 +38,9 @@ client has sent its BEGIN before its first tpc_finish: so if T2 gets a higher
 TID than T1 on storage s, T1 was announced before T2 could even get its TID.
 The generator mimics that with per-storage locks: a batch takes the "commit
 lock" of each storage it uses when its TIDs are drawn from the storage's
-counter (``max(last + 1, time.time_ns())``), and keeps it until the daemon
+counter (``max(last + 1, tid_at(time.time()))``: real ZODB TIDs of the current
+time; the daemon refuses TIDs implausibly far in the future, see ``[server]
+max_tid_ahead``), and keeps it until the daemon
 has confirmed the batch (SYNC reply); other connections wait for free
 storages, first come first served. The connection holding a storage may
 pipeline its second batch on it (a connection is processed in order), but
@@ -93,6 +95,7 @@ from collections import deque
 from pathlib import Path
 
 from tidstorage import protocol as p
+from tidstorage.tids import tid_at
 
 SYNC = p.SYNC_REQUEST
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -182,7 +185,7 @@ class _Generator:
     def build(self, client: _Client, a: int, b: int) -> bytes:
         """The bytes of one batch on storages a, b (TIDs drawn now), + SYNC."""
         n = self.batch
-        now = time.time_ns()
+        now = tid_at(time.time())  # a ZODB TID, not nanoseconds
         ta = max(self.last_tid[a] + 1, now)
         tb = max(self.last_tid[b] + 1, now)
         self.last_tid[a] = ta + n - 1
@@ -556,7 +559,8 @@ def _source_digest() -> dict[str, str]:
     root = Path(tidstorage.__file__).parent
     return {
         name: hashlib.sha256((root / f"{name}.py").read_bytes()).hexdigest()[:12]
-        for name in ("protocol", "server", "connection", "tracker", "tidlog")
+        for name in ("protocol", "server", "connection", "coordinator", "gate", "tracker",
+                     "tidlog")
         if (root / f"{name}.py").exists()
     }
 
