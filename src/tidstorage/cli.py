@@ -48,11 +48,28 @@ class _ReopenableFileHandler(logging.FileHandler):
             self.release()
 
 
+#: Longest log line the daemon writes (characters of its message): what a
+#: peer sends (ids of 16 KiB, lists of 4096 storages) never makes a long line.
+LOG_LINE_MAX = 8000
+
+
+class _BoundedLines(logging.Filter):
+    """Cut every message to LOG_LINE_MAX characters (one bounded line each)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > LOG_LINE_MAX:
+            record.msg = message[:LOG_LINE_MAX] + f"... ({len(message)} characters)"
+            record.args = None
+        return True
+
+
 def _setup_logging(log_file: Path | None, verbose: bool) -> logging.Handler:
     if log_file is not None:
         handler: logging.Handler = _ReopenableFileHandler(log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_BoundedLines())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -87,14 +104,17 @@ def serve(config_path, address, port, status_file, verbose) -> None:
     """
     config = _load(config_path)
     handler = _setup_logging(config.server.log_file, verbose)
+    from .config import check_daemon, resolve_parent
     from .server import Daemon
 
     try:
+        for warning in check_daemon(config, address):
+            log.warning("%s", warning)
         daemon = Daemon(
             config,
             address=address,
             port=port,
-            status_file=status_file.resolve() if status_file else None,
+            status_file=resolve_parent(status_file) if status_file else None,
         )
     except (ConfigError, OSError) as exc:
         _fail(f"cannot start: {exc}", EXIT_CONFIG)

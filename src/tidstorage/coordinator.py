@@ -129,6 +129,8 @@ MAX_TXNS_PER_SESSION = 10_000
 #: grow the daemon), and most names listed in one log line.
 MAX_UNKNOWN_IDS = 1000
 LOG_LIST_MAX = 8
+#: Most entries of each kind in the SIGUSR1 state dump.
+DESCRIBE_MAX = 20
 #: Repeated refusals / decreases: at most one log line per key this often (s).
 LOG_INTERVAL = 10.0
 LOG_KEYS_MAX = 10_000
@@ -243,6 +245,16 @@ class _Txn:
 
 
 @dataclass(slots=True)
+class _Proof:
+    """The no-op proving the transactions in doubt on one ``zeo`` storage."""
+
+    #: transactions the no-op in flight will prove (observed before it left)
+    flying: set[str] = field(default_factory=set)
+    #: transactions observed since: they need the next no-op
+    next: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
 class _Resolution:
     """Finding the fate of one transaction (see "In-doubt transactions")."""
 
@@ -334,6 +346,7 @@ class Coordinator:
         self._sessions: dict[str, _Session] = {}
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._resolutions: dict[str, _Resolution] = {}
+        self._proofs: dict[str, _Proof] = {}
         self._requests = 0
         self._pending: dict[int, tuple] = {}  # request -> what it is for
         self._scan_seq = {s: 0 for s in readable}
@@ -723,11 +736,21 @@ class Coordinator:
 
     def _prove(self, res: _Resolution, storage: str) -> None:
         if self.kinds[storage] == "zeo":
-            self._noop((storage,), ("prove", res.txn, storage), "")
+            # One no-op proves it for every transaction observed before it was
+            # issued: resolutions waiting on one storage share it (a flood of
+            # in-doubt reports costs one no-op per storage at a time).
+            proof = self._proofs.setdefault(storage, _Proof())
+            proof.next.add(res.txn)
+            if not proof.flying:
+                self._start_proof(storage, proof)
         elif res.reported:
             self._proven(res.txn, storage)
         else:
             self._check_owner(("owner", res.txn, storage), storage)
+
+    def _start_proof(self, storage: str, proof: "_Proof") -> None:
+        proof.flying, proof.next = proof.next, set()
+        self._noop((storage,), ("prove", storage), "")
 
     def _proven(self, txn: str, storage: str) -> None:
         res = self._resolutions.get(txn)
@@ -869,7 +892,13 @@ class Coordinator:
             self._dirty = True
             self._check_bootstrapped()
         elif purpose[0] == "prove":
-            self._proven(purpose[1], purpose[2])
+            storage = purpose[1]
+            proof = self._proofs[storage]
+            done, proof.flying = proof.flying, set()
+            for txn in done:
+                self._proven(txn, storage)
+            if proof.next:
+                self._start_proof(storage, proof)
 
     def owner_result(self, request: int, owner: OwnerInfo) -> None:
         what = self._pending.pop(request, None)
@@ -918,8 +947,6 @@ class Coordinator:
                 self._check_owner(("owner", txn, storage), storage)
         elif kind == "retry-noop":
             _, purpose, storages, coherency_id = key
-            if purpose[0] == "prove" and purpose[1] not in self._resolutions:
-                return
             self._noop(storages, purpose, coherency_id)
 
     def _backoff(self, key: tuple) -> float:
@@ -984,17 +1011,23 @@ class Coordinator:
             f"published={_short(self.gate.published)}",
             f"verified={_short(self.gate.verified)}",
         ]
-        for txn, state in list(self._txns.items())[:20]:
+        for txn, state in list(self._txns.items())[:DESCRIBE_MAX]:
             lines.append(f"in flight {txn}: {_names(state.storages)}"
                          f"{'' if state.session is None else ' session ' + state.session.id}")
-        if len(self._txns) > 20:
+        if len(self._txns) > DESCRIBE_MAX:
             lines.append(f"... ({len(self._txns)} in flight)")
-        for storages, in_flight, held in t.groups():
-            lines.append(f"group {sorted(storages)}: in_flight={in_flight} held={held}")
-        for txn, res in self._resolutions.items():
-            lines.append(f"resolving {txn}: {res.phase}, proving {sorted(res.proving)}")
-        for txn, known in self.gate.splits.items():
-            lines.append(f"SPLIT {txn}: parts {known.parts}, missing {sorted(known.never)}")
+        groups = t.groups()
+        for storages, in_flight, held in groups[:DESCRIBE_MAX]:
+            lines.append(f"group {_names(storages)}: in_flight={in_flight} held={_short(held)}")
+        resolutions = list(self._resolutions.items())
+        for txn, res in resolutions[:DESCRIBE_MAX]:
+            lines.append(f"resolving {txn}: {res.phase}, proving {_names(res.proving)}")
+        splits = list(self.gate.splits.items())
+        for txn, known in splits[:DESCRIBE_MAX]:
+            lines.append(f"SPLIT {txn}: parts {_short(known.parts)}, missing {_names(known.never)}")
+        if max(len(groups), len(resolutions), len(splits)) > DESCRIBE_MAX:
+            lines.append(f"... ({len(groups)} groups, {len(resolutions)} resolutions,"
+                         f" {len(splits)} splits)")
         if self._blocked:
             lines.append(f"blocked (unreadable, lost reports): {_names(self._blocked)}")
         return "\n".join(lines)
