@@ -96,10 +96,10 @@ def test_dump_reply_matches_legacy_send_dict():
     [
         (b"FROB\n", "unknown command"),
         (b"BEGIN\nt1\nx\n", "not an integer"),
-        (b"BEGIN\nt1\n-1\n", "out of range"),
+        (b"BEGIN\nt1\n-1\n", "not an integer"),
         (b"BEGIN\nt1\n99999999\n", "out of range"),
         (b"COMMIT\nt1\n1\ns1\nnotanumber\n", "not an integer"),
-        (b"COMMIT\nt1\n1\ns1\n-5\n", "out of range"),
+        (b"COMMIT\nt1\n1\ns1\n-5\n", "not an integer"),
         (b"COMMIT\nt1\n1\ns1\n%d\n" % 2**64, "out of range"),
         (b"COMMIT\nt1\n2\ns1\ns1\n1\n2\n", "twice"),
         (b"BEGIN\n\xff\xfe\n1\ns1\n", "not UTF-8"),
@@ -126,11 +126,11 @@ def test_commands_before_the_error_are_kept_and_decoder_stays_broken():
 
 def test_pending_command_is_bounded():
     d = p.Decoder()
-    # A BEGIN announcing MAX_ITEMS storages, then ids that never complete it.
-    events = d.feed(b"BEGIN\nt1\n%d\n" % p.MAX_ITEMS)
+    # A BEGIN announcing MAX_STORAGES storages, then ids that never complete it.
+    events = d.feed(b"BEGIN\nt1\n%d\n" % p.MAX_STORAGES)
     assert events == []
     assert d.pending
-    big = (b"z" * 1000 + b"\n") * 1100  # > MAX_PENDING_BYTES, < MAX_ITEMS fields
+    big = (b"z" * 1000 + b"\n") * 1100  # > MAX_PENDING_BYTES, < MAX_STORAGES fields
     events = d.feed(big)
     assert events and events[-1][0] == p.ERROR
 
@@ -175,3 +175,110 @@ def test_garbage_never_raises(data):
         assert event[0] in {p.BEGIN, p.COMMIT, p.ABORT, p.DUMP, p.BOOTSTRAPED, p.QUIT,
                             p.SYNC, p.AUTH, p.LOST, p.INDOUBT, p.ERROR}
     assert all(e[0] != p.ERROR for e in events[:-1])
+
+
+# -- integers are ASCII digits only (issue 9.17) -----------------------------
+
+# int() takes all of these; the codec must not.
+NOT_DIGITS = ["+1", "+1_000", "1_0", " 12", "12 ", "\t1", "١٢", "１", "²", "", "-0", "0x1", "1e3"]
+SLOTS = [
+    ("BEGIN\nt1\n{}\ns1\n", "storage list count"),
+    ("LOST\n{}\ns1\n", "storage list count"),
+    ("COMMIT\nt1\n{}\ns1\n5\n", "TID dict count"),
+    ("BEGIN2\nt1\n{}\ns1\n5\n", "TID dict count"),
+    ("COMMIT\nt1\n1\ns1\n{}\n", "TID of storage 's1'"),
+    ("COMMIT\nt1\n2\ns1\ns2\n5\n{}\n", "TID of storage 's2'"),
+    ("BEGIN2\nt1\n2\ns1\ns2\n{}\n7\n", "TID of storage 's1'"),
+    ("HELLO\nsid\nsecret\n{}\nhost\n", "HELLO pid"),
+]
+
+
+@pytest.mark.parametrize("template, field", SLOTS)
+@pytest.mark.parametrize("value", NOT_DIGITS)
+def test_integers_in_commands_are_ascii_digits_only(template, field, value):
+    events = feed_all(b"DUMP\n" + template.format(value).encode() + b"DUMP\n")
+    assert events[0] == (p.DUMP,) and len(events) == 2, events
+    assert events[1][0] == p.ERROR and field in events[1][1], events
+
+
+@pytest.mark.parametrize("value", NOT_DIGITS)
+def test_integers_in_replies_are_ascii_digits_only(value):
+    r = p.ReplyReader()
+    r.feed(value.encode() + b"\n")
+    with pytest.raises(p.ProtocolError, match="an integer reply is not an integer"):
+        r.read_int()
+    r = p.ReplyReader()
+    r.feed(f"{value}\na\n5\n".encode())
+    with pytest.raises(p.ProtocolError, match="reply dict count is not an integer"):
+        r.read_dict()
+    r = p.ReplyReader()
+    r.feed(f"2\na\nb\n5\n{value}\n".encode())
+    with pytest.raises(p.ProtocolError, match="TID of storage 'b' is not an integer"):
+        r.read_dict()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="0123456789+_ -١x", max_size=22), min_size=1, max_size=6))
+def test_tids_are_taken_exactly_when_they_are_ascii_decimal_numbers(values):
+    keys = [f"s{i}" for i in range(len(values))]
+    events = feed_all("\n".join(["COMMIT", "t1", str(len(keys)), *keys, *values, ""]).encode())
+    valid = all(v.isascii() and v.isdigit() and len(v) <= p.MAX_DIGITS and int(v) <= p.MAX_TID
+                for v in values)
+    if valid:
+        assert events == [(p.COMMIT, "t1", {k: int(v) for k, v in zip(keys, values)})]
+    else:
+        assert [e[0] for e in events] == [p.ERROR]
+        assert "TID of storage" in events[0][1]
+
+
+# -- one limit on storage ids, on both sides (issue 9.17) ----------------------
+
+
+def _dict_reply(n: int) -> bytes:
+    return p.encode_dict({f"storage-{i}": i for i in range(n)})
+
+
+def test_the_largest_dict_is_accepted_by_both_sides():
+    n = p.MAX_STORAGES
+    tids = {f"storage-{i}": i for i in range(n)}
+    assert feed_all(p.encode_commit("t1", tids), 65536) == [(p.COMMIT, "t1", tids)]
+    r = p.ReplyReader()
+    r.feed(_dict_reply(n))
+    assert r.read_dict() == tids
+    for data in (p.encode_commit("t1", {**tids, "one more": 1}), p.encode_begin("t1", [*tids, "x"])):
+        events = feed_all(data)
+        assert events[-1][0] == p.ERROR and f"out of range 0..{n}" in events[-1][1]
+    r.feed(_dict_reply(n + 1))
+    with pytest.raises(p.ProtocolError, match=f"reply dict count {n + 1} is out of range"):
+        r.read_dict()
+
+
+def test_dump_works_when_the_daemon_is_asked_for_more_ids_than_the_limit(tmp_path):
+    """The daemon refuses the report that would make it publish more storage
+    ids than a DUMP reply may hold (before: it took them, and then
+    ``tidstorage dump`` failed for ever with "count 4097 is out of range")."""
+    import json
+    import socket
+
+    from fsfixtures import run_cli
+    from tidstorage.processes import DaemonProcess
+
+    d = DaemonProcess(tmp_path / "d", verbose=False).start()  # no [storages]: any id
+    try:
+        ids = [f"storage-{i}" for i in range(p.MAX_STORAGES)]
+        with socket.create_connection(d.address, timeout=10) as s:
+            s.sendall(p.encode_begin("t1", ids) + p.encode_commit("t1", dict.fromkeys(ids, 7))
+                      + p.SYNC_REQUEST + p.encode_begin("t2", ["storage-0", "one too many"])
+                      + p.SYNC_REQUEST + p.encode_begin("t3", ["storage-1"]) + p.SYNC_REQUEST)
+            replies = b""
+            while replies.count(b"\n") < 3:
+                replies += s.recv(100)
+            assert replies == b"1\n0\n1\n"  # t2 refused; the connection lives on
+            s.sendall(p.encode_commit("t3", {"storage-1": 8}) + p.SYNC_REQUEST)
+            assert s.recv(100) == b"1\n"
+        r = run_cli("dump", "--server", f"127.0.0.1:{d.port}", "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {**dict.fromkeys(ids, 7), "storage-1": 8}
+    finally:
+        assert d.stop() == 0
+    assert "4096 are known already (limit 4096, MAX_STORAGES)" in d.log()

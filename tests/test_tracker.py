@@ -4,7 +4,7 @@ hypothesis model of ZODB two-phase commit over per-storage commit locks."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -512,3 +512,155 @@ def test_busy_groups_cost_a_constant_amount_per_commit(t):
     assert t.scanned == before
     t.commit("legacy", {"s5": n + 1, "s6": 1})
     assert t.published() == {"s5": n + 1, "s6": 1}
+
+
+def test_a_chain_of_exclusions_costs_linear_work(t):
+    """Issue 9.15: each held transaction is excluded only through the next
+    one (h_j is above no cap until h_{j+1}'s exclusion lowers its storage),
+    and they are held in the opposite order. One pass over the held
+    commits per exclusion found (the old fixed-point loop) made every
+    partial publication quadratic: about 8 n^2 examinations here."""
+    n = 1000
+    c = [f"c{j}" for j in range(n + 2)]
+    for j in range(n + 1):  # all in flight, each on (c_j, c_j+1)
+        t.begin(f"h{j}", [c[j], c[j + 1]], {c[j]: 0, c[j + 1]: 0})
+    for j in range(n):
+        # above h_j+1's bound on c_j+1 (still in flight): excluded, and
+        # with it, one by one, every earlier one
+        t.commit(f"h{j}", {c[j]: 1, c[j + 1]: 2})
+    assert t.published() == {}
+    assert t.scanned < 60 * n  # linear (amortised), not 8 * n * n
+    t.commit(f"h{n}", {c[n]: 1, c[n + 1]: 2})
+    assert t.published() == {s: (2 if j else 1) for j, s in enumerate(c)}
+
+
+class _FixpointTracker(Tracker):
+    """The tracker with the partial publication as first written: one pass
+    over the held commits per round until no exclusion is found (quadratic,
+    but plainly the rule of the module doc): the reference below."""
+
+    def _publish_below_bounds(self, group):
+        from tidstorage.tracker import NOTHING, _Barrier, _newest
+
+        published = self._published
+        cap = self._caps(group)
+        held = group.held
+        excluded = [False] * len(held)
+        changed = True
+        while changed:
+            changed = False
+            for i, tids in enumerate(held):
+                if excluded[i] or not any(t > cap.get(s, t) for s, t in tids.items()):
+                    continue
+                excluded[i] = changed = True
+                for s, t in tids.items():
+                    limit = published.get(s, -1) if type(tids) is _Barrier else t - 1
+                    cap[s] = min(limit, cap.get(s, limit))
+        included = [tids for i, tids in enumerate(held) if not excluded[i]]
+        if not included:
+            return NOTHING
+        group.held = [tids for i, tids in enumerate(held) if excluded[i]]
+        return self._publish(_newest(included))
+
+
+_S5 = ["a", "b", "c", "d", "e"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    initial=st.dictionaries(st.sampled_from(_S5), st.integers(0, 3)),
+    flying=st.lists(st.tuples(st.sets(st.sampled_from(_S5), min_size=1, max_size=3),
+                              st.none() | st.lists(st.integers(0, 9), min_size=3, max_size=3)),
+                    min_size=1, max_size=4),
+    held=st.lists(st.tuples(st.sets(st.sampled_from(_S5), min_size=1, max_size=3),
+                            st.lists(st.integers(1, 10), min_size=3, max_size=3),
+                            st.booleans()),
+                  max_size=12),
+)
+def test_exclusions_match_the_plain_fixed_point(initial, flying, held):
+    """Issue 9.15: the worklist gives exactly what the plain fixed point
+    gives, for in-flight transactions with or without bounds and held
+    commits and barriers in any order."""
+    trackers = Tracker(initial), _FixpointTracker(initial)
+    for tr in trackers:  # not bootstrapped: commits are only held
+        for k, (members, tids, _) in enumerate(held):
+            tr.begin(f"h{k}", sorted(members))
+        for k, (members, values) in enumerate(flying):
+            members = sorted(members)
+            tr.begin(f"f{k}", members, None if values is None else dict(zip(members, values)))
+        for k, (members, tids, barrier) in enumerate(held):
+            tr.commit(f"h{k}", dict(zip(sorted(members), tids)), barrier=barrier)
+        tr.set_bootstrapped()
+    fast, plain = ({frozenset(g.storages): g for g in tr._group_of.values()} for tr in trackers)
+    assert fast.keys() == plain.keys()
+    for storages, group in fast.items():
+        assert trackers[0]._publish_below_bounds(group) == trackers[1]._publish_below_bounds(
+            plain[storages])
+        assert group.held == plain[storages].held
+    assert trackers[0].published() == trackers[1].published()
+
+
+# -- the number of storage ids is bounded (issue 9.17) --------------------------
+
+
+def test_new_storage_ids_beyond_the_limit_are_refused():
+    """Every id the tracker hears of may end up published, and a DUMP reply
+    must fit what clients accept: a BEGIN that would make it track more than
+    MAX_STORAGES ids is refused, with the state unchanged."""
+    from tidstorage.protocol import MAX_STORAGES
+
+    t = Tracker({f"old{i}": 1 for i in range(MAX_STORAGES - 3)})
+    t.set_bootstrapped()
+    t.begin("t1", ["old0", "new1", "new2"])
+    t.begin("t2", ["new3"])  # the last one
+    before = _snapshot(t)
+    with pytest.raises(Refused, match="limit 4096") as info:
+        t.begin("t3", ["old1", "new4"])
+    assert info.value.reason == "too-many-ids"
+    assert _snapshot(t) == before
+    t.begin("t4", ["old1", "new1"])  # known ids: fine
+    t.abort("t2")  # new3 was never published: forgotten
+    t.begin("t3", ["old1", "new4"])
+    t.commit("t1", {"old0": 2, "new1": 2, "new2": 2})
+    t.commit("t4", {"old1": 2, "new1": 3})
+    t.commit("t3", {"old1": 3, "new4": 1})
+    assert len(t.published()) == MAX_STORAGES
+    with pytest.raises(Refused, match="new storage ids"):
+        t.begin("t5", ["new5"])
+    t.begin("t5", ["new4"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["begin", "commit", "abort", "observe"]),
+                          st.integers(0, 5), st.sets(st.integers(0, 9), min_size=1, max_size=3),
+                          st.integers(1, 5)),
+                max_size=60))
+def test_the_tracker_never_names_more_ids_than_the_limit(ops):
+    import tidstorage.tracker as tracker_module
+
+    limit = 5
+    saved, tracker_module.MAX_STORAGES = tracker_module.MAX_STORAGES, limit
+    try:
+        t = Tracker({"s0": 1})
+        t.set_bootstrapped()
+        for kind, n, ids, tid in ops:
+            members = sorted(f"s{i}" for i in ids)
+            before = set(t.published()) | set(t._group_of)
+            try:
+                if kind == "begin":
+                    t.begin(f"t{n}", members, {s: 0 for s in members} if n % 2 else None)
+                elif kind == "commit":
+                    mine = t.in_flight().get(f"t{n}", members)
+                    t.commit(f"t{n}", {s: tid for s in mine})
+                elif kind == "abort":
+                    t.abort(f"t{n}")
+                else:
+                    t.observe_published({members[0]: tid})
+            except Refused:
+                pass
+            named = set(t.published()) | set(t._group_of)
+            assert t._unpublished == named - set(t.published())
+            if kind == "begin" and named != before:  # (the gate's publications are not refused)
+                assert len(named) <= limit
+    finally:
+        tracker_module.MAX_STORAGES = saved

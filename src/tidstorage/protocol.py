@@ -3,7 +3,8 @@
 Wire format (the legacy ``ExchangeProtocol``)
 =============================================
 Everything is a sequence of *fields*. A field is bytes ended by ``\\n``; any
-``\\r`` is ignored (dropped wherever it appears). Integers are decimal fields.
+``\\r`` is ignored (dropped wherever it appears). Integers are decimal fields
+of ASCII digits only (no sign, space, ``_`` or other scripts' digits).
 A *list* is a count field then that many fields. A *dict* (str -> int) is a
 count field, then the keys, then the values, in the same order.
 
@@ -69,13 +70,23 @@ from typing import Iterable, Mapping
 #: 16 KiB are garbage, and the bound keeps a peer from making us buffer an
 #: endless line.
 MAX_FIELD_BYTES = 16 * 1024
-#: Most storages in one transaction, or entries in one dict.
-MAX_ITEMS = 4096
+#: Most storage ids in one list or dict (a command, or a ``DUMP`` reply), and
+#: so in the daemon's published state: the tracker refuses a report that
+#: would make it name more (``tracker.py``), so a ``DUMP`` reply always fits
+#: what clients accept and ``tidstorage dump`` always works. A site has a few
+#: to a few hundred storages (one per mounted database); more than this is a
+#: peer inventing ids, and the bound keeps every command and every ``DUMP``
+#: reply (some 0.5 MB with legacy ids of ~100 bytes) small.
+MAX_STORAGES = 4096
 #: Most bytes buffered for one incomplete command (fields received but not
-#: yet a whole command). A command of MAX_ITEMS ids of 64 bytes fits easily.
+#: yet a whole command). A command of MAX_STORAGES ids of 64 bytes fits easily.
 MAX_PENDING_BYTES = 1024 * 1024
 #: TIDs are unsigned 64-bit integers.
 MAX_TID = 2**64 - 1
+#: Integers (counts, TIDs) are ASCII decimal digits, at most this many
+#: (MAX_TID has 20); no sign, space, ``_`` or other digits (``int()`` takes
+#: them all).
+MAX_DIGITS = 20
 
 # -- events ---------------------------------------------------------------
 # Decoded commands are plain tuples (cheap: the decoder handles ~10^6 a
@@ -121,24 +132,38 @@ def _texts(fields: list[str], what: str) -> list[str]:
     return fields
 
 
+def _decimal(field: str | bytes, what: str) -> int:
+    if not (field.isascii() and field.isdigit()) or len(field) > MAX_DIGITS:
+        raise ProtocolError(
+            f"{what} is not an integer of at most {MAX_DIGITS} ASCII digits: {field[:40]!r}")
+    return int(field)
+
+
 def _count(field: str | bytes, what: str) -> int:
-    try:
-        value = int(field)
-    except ValueError:
-        raise ProtocolError(f"{what} count is not an integer: {field[:40]!r}") from None
-    if not 0 <= value <= MAX_ITEMS:
-        raise ProtocolError(f"{what} count {value} is out of range 0..{MAX_ITEMS}")
+    value = _decimal(field, f"{what} count")
+    if value > MAX_STORAGES:
+        raise ProtocolError(f"{what} count {value} is out of range 0..{MAX_STORAGES}")
     return value
 
 
 def _tid(field: str | bytes, key: str) -> int:
-    try:
-        value = int(field)
-    except ValueError:
-        raise ProtocolError(f"TID of storage {key!r} is not an integer: {field[:40]!r}") from None
-    if not 0 <= value <= MAX_TID:
+    value = _decimal(field, f"TID of storage {key!r}")
+    if value > MAX_TID:
         raise ProtocolError(f"TID of storage {key!r} is out of range: {value}")
     return value
+
+
+def _tids(keys: list[str], values: list[str]) -> dict[str, int]:
+    """Keys and values of a dict -> {key: TID} (later duplicates win)."""
+    digits = "".join(values)
+    if (digits.isascii() and digits.isdigit() and all(values)
+            and max(map(len, values)) <= MAX_DIGITS):  # the usual case, fast
+        tids = dict(zip(keys, map(int, values)))
+        for key, value in tids.items():
+            if value > MAX_TID:
+                raise ProtocolError(f"TID of storage {key!r} is out of range: {value}")
+        return tids
+    return {k: _tid(v, k) for k, v in zip(keys, values)}
 
 
 def _utf8_error(data: bytes, exc: UnicodeDecodeError) -> ProtocolError:
@@ -239,15 +264,9 @@ class Decoder:
                     if i + 2 * count > n:
                         raise _Incomplete
                     keys = _texts(fields[i : i + count], "storage id")
-                    try:
-                        tids = dict(zip(keys, map(int, fields[i + count : i + 2 * count])))
-                    except ValueError:
-                        tids = {k: _tid(v, k) for k, v in zip(keys, fields[i + count : i + 2 * count])}
+                    tids = _tids(keys, fields[i + count : i + 2 * count])
                     if len(tids) != count:
                         raise ProtocolError(f"{name} {txn!r} names a storage twice")
-                    for key, value in tids.items():
-                        if not 0 <= value <= MAX_TID:
-                            raise ProtocolError(f"TID of storage {key!r} is out of range: {value}")
                     i += 2 * count
                     if name == "COMMIT":
                         append((COMMIT, txn, tids))
@@ -386,11 +405,7 @@ class ReplyReader:
         """The next integer reply, or None if not received yet."""
         if not self._fields:
             return None
-        field = self._fields.pop(0)
-        try:
-            return int(field)
-        except ValueError:
-            raise ProtocolError(f"expected an integer reply, got {field[:40]!r}") from None
+        return _decimal(self._fields.pop(0), "an integer reply")
 
     def read_field(self) -> str | None:
         """The next reply field as text (the HELLO reply), or None."""

@@ -72,7 +72,11 @@ message is meant for the log:
 
 * ``begin`` of an id already in flight, or with no storage;
 * ``commit``/``abort`` of an id not in flight (never began, or ended already);
-* ``commit`` whose storages differ from those given at ``begin``.
+* ``commit`` whose storages differ from those given at ``begin``;
+* ``begin`` naming storage ids new to the tracker (neither published nor in
+  a live group) when they would make it track more than
+  ``protocol.MAX_STORAGES`` ids: every one may end up published, and a
+  ``DUMP`` reply must fit what clients accept.
 
 Published TIDs never decrease. A group that would publish a TID lower than
 the one already published for a storage keeps the old value for that storage
@@ -100,9 +104,12 @@ raises.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
+
+from .protocol import MAX_STORAGES
 
 __all__ = ["Tracker", "Refused", "Publication"]
 
@@ -112,7 +119,8 @@ class Refused(Exception):
 
     ``reason`` names the rule: ``"unknown"`` (COMMIT/ABORT of a transaction
     not in flight), ``"duplicate"`` (BEGIN of one in flight), ``"mismatch"``
-    (COMMIT storages differ from BEGIN's), ``"empty"``, ``"bounds"``.
+    (COMMIT storages differ from BEGIN's), ``"empty"``, ``"bounds"``,
+    ``"too-many-ids"`` (see :data:`~.protocol.MAX_STORAGES`).
     """
 
     def __init__(self, message: str, reason: str = "refused") -> None:
@@ -169,8 +177,13 @@ class Tracker:
         self._bounds: dict[str, dict[str, int]] = {}
         #: storage -> its group, for storages in a non-quiet group
         self._group_of: dict[str, _Group] = {}
+        #: storages of live groups never published (with the published
+        #: ones: every id the tracker may publish, bounded by MAX_STORAGES)
+        self._unpublished: set[str] = set()
         self._bootstrapped = False
-        #: held commits examined by partial publications (a cost measure)
+        #: held commits examined by partial publications (a cost measure):
+        #: each once per partial publication, plus each part reached again
+        #: when an exclusion lowers the cap of its storage
         self.scanned = 0
 
     # -- queries ---------------------------------------------------------
@@ -208,6 +221,7 @@ class Tracker:
         for storage, tid in changes.items():
             if tid > published.get(storage, -1):
                 published[storage] = tid
+                self._unpublished.discard(storage)
 
     def groups(self) -> list[tuple[frozenset[str], int, dict[str, int]]]:
         """The live groups as (storages, in-flight count, newest held TIDs)."""
@@ -237,10 +251,20 @@ class Tracker:
             raise Refused(f"BEGIN {txn!r}: this transaction is already in flight", "duplicate")
         if bounds is not None and set(bounds) != members:
             raise Refused(f"BEGIN {txn!r}: bounds name {sorted(bounds)}, not {sorted(members)}", "bounds")
+        published = self._published
+        group_of = self._group_of
+        new = [s for s in members if s not in published and s not in group_of]
+        if new:
+            known = len(published) + len(self._unpublished)
+            if known + len(new) > MAX_STORAGES:
+                raise Refused(
+                    f"BEGIN {txn!r} names {len(new)} new storage ids ({_few(new)}) but"
+                    f" {known} are known already (limit {MAX_STORAGES}, MAX_STORAGES)",
+                    "too-many-ids")
+            self._unpublished.update(new)
         self._in_flight[txn] = members
         if bounds is not None:
             self._bounds[txn] = dict(bounds)
-        group_of = self._group_of
         # The largest existing group absorbs the others (and new storages).
         target: _Group | None = None
         for storage in members:
@@ -345,6 +369,7 @@ class Tracker:
         group_of = self._group_of
         for storage in group.storages:
             del group_of[storage]
+        self._unpublished.difference_update(group.storages)  # published, or gone
         held = group.held
         if not held or not self._bootstrapped:
             return NOTHING
@@ -358,7 +383,80 @@ class Tracker:
         storage there. A held transaction above the cap on one storage is
         excluded on all of them (cap those below it), until nothing changes.
         What remains is wholly below every cap: publish it.
+
+        The exclusions are the least fixed point of a monotone rule (caps
+        only go down, and a lower cap only excludes more), so the order in
+        which they are found does not matter. A worklist finds them: a first
+        pass checks every held commit against the caps of the in-flight
+        transactions; each exclusion lowers caps, and a per-storage index of
+        the held TIDs (sorted once, walked downwards from the old cap to the
+        new one, never up again) yields exactly the commits the lowering
+        excludes. Each part is reached at most once: O(parts log parts),
+        not one pass over the held commits per exclusion (quadratic for a
+        chain of exclusions, each found through the next one).
         """
+        published = self._published
+        cap = self._caps(group)
+        held = group.held
+        n = len(held)
+        excluded = [False] * n
+        work: list[int] = []
+        for i, tids in enumerate(held):
+            for s, t in tids.items():
+                if t > cap.get(s, t):
+                    excluded[i] = True
+                    work.append(i)
+                    break
+        scanned = n
+        if work:
+            # Per storage: its held (tid, index) pairs (sorted ascending at
+            # its first lowering), and how many of them lie at or below its
+            # cap (those above were excluded already).
+            parts: dict[str, list[tuple[int, int]]] = {}
+            for i, tids in enumerate(held):
+                for s, t in tids.items():
+                    entries = parts.get(s)
+                    if entries is None:
+                        parts[s] = [(t, i)]
+                    else:
+                        entries.append((t, i))
+            below: dict[str, int] = {}
+            while work:
+                tids = held[work.pop()]
+                barrier = type(tids) is _Barrier
+                for s, t in tids.items():
+                    # nothing of a barrier: its storages stay at the published point
+                    limit = published.get(s, -1) if barrier else t - 1
+                    old = cap.get(s)
+                    if old is not None and limit >= old:
+                        continue
+                    cap[s] = limit
+                    entries = parts[s]
+                    top = below.get(s)
+                    if top is None:  # first lowering here: none reached yet
+                        entries.sort()
+                        top = len(entries)
+                        if old is not None:
+                            top = bisect.bisect_right(entries, (old, n))
+                    start = bisect.bisect_right(entries, (limit, n), 0, top)
+                    below[s] = start
+                    scanned += top - start
+                    for j in range(start, top):
+                        k = entries[j][1]
+                        if not excluded[k]:
+                            excluded[k] = True
+                            work.append(k)
+        self.scanned += scanned
+        included = [tids for i, tids in enumerate(held) if not excluded[i]]
+        if not included:
+            return NOTHING
+        group.held = [tids for i, tids in enumerate(held) if excluded[i]]
+        return self._publish(_newest(included))
+
+    def _caps(self, group: _Group) -> dict[str, int]:
+        """Storage -> the TID the in-flight transactions of ``group`` will
+        commit above there (their smallest bound, or the published TID for
+        one without bounds)."""
         published = self._published
         cap: dict[str, int] = {}
         for txn in group.txns:
@@ -367,30 +465,7 @@ class Tracker:
                 limit = bounds[storage] if bounds is not None else published.get(storage, -1)
                 if limit < cap.get(storage, limit + 1):
                     cap[storage] = limit
-        held = group.held
-        self.scanned += len(held)
-        excluded = [False] * len(held)
-        changed = True
-        while changed:
-            changed = False
-            for i, tids in enumerate(held):
-                if excluded[i]:
-                    continue
-                if any(t > cap.get(s, t) for s, t in tids.items()):
-                    excluded[i] = changed = True
-                    barrier = type(tids) is _Barrier
-                    for s, t in tids.items():
-                        if barrier:  # nothing of it: stay at the published point
-                            limit = published.get(s, -1)
-                            if limit < cap.get(s, limit + 1):
-                                cap[s] = limit
-                        elif t <= cap.get(s, t):
-                            cap[s] = t - 1
-        included = [tids for i, tids in enumerate(held) if not excluded[i]]
-        if not included:
-            return NOTHING
-        group.held = [tids for i, tids in enumerate(held) if excluded[i]]
-        return self._publish(_newest(included))
+        return cap
 
     def _publish(self, tids: dict[str, int]) -> Publication:
         published = self._published
@@ -398,7 +473,10 @@ class Tracker:
         decreases: list[tuple[str, int, int]] = []
         for storage, tid in tids.items():
             old = published.get(storage)
-            if old is None or tid > old:
+            if old is None:
+                published[storage] = changed[storage] = tid
+                self._unpublished.discard(storage)
+            elif tid > old:
                 published[storage] = changed[storage] = tid
             elif tid < old:
                 decreases.append((storage, tid, old))
@@ -411,6 +489,12 @@ class _Barrier(dict):
     """Held TIDs of a barrier commit (see :meth:`Tracker.commit`)."""
 
     __slots__ = ()
+
+
+def _few(names: list[str], most: int = 3) -> str:
+    """Some names for a log line (each cut to 40 characters)."""
+    shown = ", ".join(repr(n[:40]) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _newest(held: list[dict[str, int]]) -> dict[str, int]:
