@@ -242,10 +242,11 @@ def test_sighup_starts_a_new_log_with_a_full_record(tmp_path):
 
 def test_auth_token(tmp_path):
     token_file = tmp_path / "secret"
-    token_file.write_text("s3cret\n")
+    token_file.write_text("s3cret-s3cret-s3cret\n")
+    token_file.chmod(0o600)  # secret files: owner only (issue 9.19)
     d = DaemonProcess(tmp_path / "d", server={"auth_token_file": str(token_file)}).start()
     try:
-        with Client(d.address, auth_token="s3cret") as c:
+        with Client(d.address, auth_token="s3cret-s3cret-s3cret") as c:
             c.begin("t1", ["a"])
             c.commit("t1", {"a": 9})
             assert c.dump() == {"a": 9}
@@ -255,7 +256,7 @@ def test_auth_token(tmp_path):
         s = socket.create_connection(d.address, timeout=5)
         s.sendall(b"BEGIN\nx\n1\na\nCOMMIT\nx\n1\na\n99\nDUMP\n")
         assert s.recv(100) == b""
-        with Client(d.address, auth_token="s3cret") as c:
+        with Client(d.address, auth_token="s3cret-s3cret-s3cret") as c:
             assert c.dump() == {"a": 9}
         assert "authentication failed" in d.log()
     finally:

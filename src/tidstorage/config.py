@@ -32,15 +32,29 @@
 Relative paths are relative to the directory of the config file. Any unknown
 key, wrong type or missing required key raises :class:`ConfigError` naming the
 file and the key; the CLI turns it into exit code 2.
+
+Secrets: the auth token file (read by the daemon and by every client) and
+the TLS key (checked when the daemon starts, :func:`check_daemon`) must be
+accessible by their owner only (mode 0600 or 0400, as OpenSSH requires of
+private keys), and the token must be at least :data:`MIN_TOKEN_LENGTH`
+characters long. The daemon warns at start when it listens beyond loopback
+without a token. ``status_file`` keeps its last component as written (its
+directories are resolved): the TID log writer refuses a symbolic link there.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import os
+import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .protocol import MAX_STORAGES
 
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 9001
@@ -51,6 +65,15 @@ DEFAULT_IN_DOUBT_GRACE = 60.0
 #: (every real commit after it would look like a decrease). A storage whose
 #: clock once jumped further ahead needs a larger value.
 DEFAULT_MAX_TID_AHEAD = 3600.0
+#: Shortest auth token accepted (characters). The token is all that stands
+#: between any host that can reach the daemon's port and reports that move
+#: or freeze the published point, and a wrong guess costs an attacker one
+#: connection: a word or a short PIN falls to online guessing, 16 random
+#: characters do not (``openssl rand -hex 16`` gives 32).
+MIN_TOKEN_LENGTH = 16
+#: Permission bits a secret file must not have: any access by its group or
+#: by others (OpenSSH's rule for private keys).
+SECRET_MODE_BITS = 0o077
 
 
 class ConfigError(Exception):
@@ -104,23 +127,89 @@ class Config:
 
 
 def read_token(path: Path | None) -> str | None:
+    """The token in ``path`` (one line, stripped), after checking the file's
+    permissions (see :func:`check_secret_mode`) and the token's length."""
     if path is None:
         return None
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        with open(path, "rb") as file:
+            check_secret_mode(path, os.fstat(file.fileno()).st_mode, "auth token file")
+            token = file.read().decode("utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"cannot read auth token file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"auth token file {path} is not UTF-8 text") from None
     if not token or "\n" in token or "\r" in token:
         raise ConfigError(f"auth token file {path} must hold one non-empty line")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"auth token file {path}: the token is {len(token)} characters long, at least"
+            f" {MIN_TOKEN_LENGTH} are required (e.g. openssl rand -hex 16 > {path})")
     return token
 
 
-# Each section: key -> (type(s) accepted, kind) where kind is "path", "seconds",
-# "int", "str", "port".
+def check_secret_mode(path: Path, mode: int, what: str) -> None:
+    """Refuse a secret file its group or others may access (ConfigError
+    naming the file and its mode); owner-only (0600, 0400) is fine."""
+    if mode & SECRET_MODE_BITS:
+        raise ConfigError(
+            f"{what} {path} has mode {stat.S_IMODE(mode):04o}: it must be accessible by its"
+            f" owner only (chmod 600 {path})")
+
+
+def check_daemon(config: Config, address: str | None = None) -> list[str]:
+    """What the daemon checks at start beyond the config file itself
+    (``tidstorage serve`` calls it right after loading the config).
+
+    Raises :class:`ConfigError` for a TLS key its group or others may read
+    (the token file is checked whenever it is read, by :func:`read_token`).
+    Returns the warnings to log: listening on ``address`` (default: the
+    configured one) beyond loopback without an auth token lets any host that
+    can reach the port send reports.
+    """
+    server = config.server
+    if server.tls_key is not None:
+        try:
+            mode = os.stat(server.tls_key).st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS key {server.tls_key}: {exc.strerror}") from None
+        check_secret_mode(server.tls_key, mode, "TLS key")
+    address = address or server.address
+    warnings = []
+    if server.auth_token_file is None and not is_loopback(address):
+        warnings.append(
+            f"listening on {address}, not a loopback address, without an auth token: any host"
+            " that can reach the port can send reports that move or freeze the published"
+            " point (set server.auth_token_file, or listen on 127.0.0.1)")
+    return warnings
+
+
+def is_loopback(address: str) -> bool:
+    """Whether every address ``address`` (an IP address or a host name)
+    stands for is a loopback one. Unresolvable names are not."""
+    host = address.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    try:
+        return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+    except ValueError:
+        return False
+
+
+# Each section: key -> kind: "path", "file" (a path whose last component is
+# not resolved), "seconds", "count", "str", "port", "bool".
 _SERVER_KEYS = {
     "address": "str",
     "port": "port",
-    "status_file": "path",
+    "status_file": "file",
     "burst_period": "seconds",
     "full_dump_period": "seconds",
     "auth_token_file": "path",
@@ -171,11 +260,13 @@ class _Reader:
         return out
 
     def value(self, name: str, kind: str, value: Any) -> Any:
-        if kind in ("str", "path"):
+        if kind in ("str", "path", "file"):
             if not isinstance(value, str) or not value:
                 raise self.fail(name, f"must be a non-empty string, not {value!r}")
             if kind == "path":
                 return (self.base / Path(value).expanduser()).resolve()
+            if kind == "file":
+                return resolve_parent(self.base / Path(value).expanduser())
             return value
         if kind in ("port", "count"):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -226,7 +317,18 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
             except ValueError as exc:
                 raise r.fail(f"storages.{name}.zeo", str(exc)) from None
         storages[wire_id] = StorageConfig(name=name, id=wire_id, **values)
+    if len(storages) > MAX_STORAGES:
+        raise r.fail("storages", f"{len(storages)} storages, more than the daemon tracks"
+                                 f" ({MAX_STORAGES}, protocol.MAX_STORAGES)")
     return Config(path=path, server=server, storages=storages, backup=backup)
+
+
+def resolve_parent(path: Path) -> Path:
+    """``path`` absolute, its directories resolved, its last component kept
+    as it is (a symbolic link stays one: its opener may refuse it)."""
+    if path.name in ("", ".", ".."):
+        return path.resolve()
+    return path.parent.resolve() / path.name
 
 
 def load_config(path: str | Path) -> Config:

@@ -69,6 +69,7 @@ and their timestamps have only 1/100 s resolution.
 from __future__ import annotations
 
 import ast
+import errno
 import io
 import json
 import logging
@@ -687,6 +688,8 @@ class TidLogWriter:
       truncated away at open (it never counted).  If an append fails, what
       reached the file is truncated away before the next one (the append
       fails until that succeeds), so no bad line is left in the middle.
+    * The file itself must not be a symbolic link (its directories may be):
+      opening one raises OSError (ELOOP), at start and at `reopen`.
 
     `initial_state` is the state reloaded at start (e.g.
     ``read_log(path).final_tids()``), so that a full record written before
@@ -724,7 +727,14 @@ class TidLogWriter:
     # -- file handling -----------------------------------------------------
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        try:  # never through a symbolic link (its directories may be links)
+            self._fd = os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and os.path.islink(self.path):
+                raise OSError(errno.ELOOP, f"the TID log {self.path} is a symbolic link: refusing"
+                              " to write through it (name the file itself)") from None
+            raise
         torn_at, last_time = _inspect_tail(self.path)
         if torn_at is not None:
             size = os.fstat(self._fd).st_size
