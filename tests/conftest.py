@@ -82,6 +82,7 @@ def cluster(tmp_path, two_zeo_servers):
         name: {"zeo": f"127.0.0.1:{addr[1]}", "zeo_storage": st, "data_fs": str(path)}
         for name, (addr, st, path) in zeo.items()
     }
+    storages["elsewhere"] = {}  # configured, but the daemon cannot read it
     d = DaemonProcess(tmp_path / "daemon", storages=storages,
                       server={"in_doubt_grace": 1.0}).start()
     d.wait_bootstrapped()

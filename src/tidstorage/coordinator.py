@@ -659,6 +659,8 @@ class Coordinator:
     # -- lost reports --------------------------------------------------------
 
     def _lost(self, storages: Iterable[str], why: str) -> None:
+        if self._dirty:
+            self._publish()  # what was reported before the LOST still counts
         blocked = []
         for storage in set(storages):
             if self.kinds.get(storage):

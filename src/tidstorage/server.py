@@ -33,7 +33,7 @@ from typing import Callable
 
 from . import coordinator as co
 from . import protocol as p
-from .config import Config
+from .config import Config, ConfigError
 from .connection import BulkQueue, Connection
 from .coordinator import LOG_INTERVAL, RateLimitedLog  # noqa: F401  (re-exported)
 from .tidlog import TidLogWriter, read_log
@@ -127,6 +127,19 @@ class Daemon:
                 log.info(
                     "reloaded published TIDs of %d storages from %s", len(initial), self.status_file
                 )
+            if config.storages:
+                foreign = sorted(set(initial) - set(config.storages))
+                if foreign:
+                    # A storage removed from the config, or ids a forger made
+                    # the old daemon publish: not published by this one.
+                    log.warning("the TID log names %d storage ids that are not configured (%s):"
+                                " not published any more", len(foreign), co._names(foreign))
+                    initial = {s: t for s, t in initial.items() if s in config.storages}
+            if len(initial) > p.MAX_STORAGES:
+                raise ConfigError(
+                    f"{self.status_file}: the TID log names {len(initial)} storage ids, more than"
+                    f" the {p.MAX_STORAGES} the daemon publishes (protocol.MAX_STORAGES):"
+                    " configure [storages], or start a new TID log")
         from .zeo import ZeoSpec, parse_address
 
         kinds: dict[str, str | None] = {}
