@@ -257,3 +257,65 @@ def test_what_one_message_costs_is_bounded(cluster):
         server.stop()
     after = {n: len(records(cluster.data_fs(n))) for n in ("a1", "b1")}
     assert after == before  # no no-op commit for LOSTs
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tidstorage", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_an_operator_corrects_a_poisoned_point_through_the_daemon(tmp_path):
+    """A legacy daemon's log published a TID from the future (before
+    max_tid_ahead existed): the operator lowers it and forgets a forged id,
+    with the admin token; without it, nothing changes."""
+    from tidstorage.tidlog import encode_record
+
+    admin = tmp_path / "admin-token"
+    admin.write_text("an-admin-token-of-enough-length\n")
+    admin.chmod(0o600)
+    directory = tmp_path / "daemon"
+    directory.mkdir()
+    poisoned = {"x": 2**64 - 2, "forged": 7}
+    (directory / "tidstorage.tid").write_bytes(encode_record(1.0, "full", poisoned))
+    d = DaemonProcess(directory, server={"admin_token_file": str(admin)}).start()
+    try:
+        with d.client() as c:
+            assert c.dump() == poisoned
+            refused = c.admin({"verb": "set-tid", "storage": "x", "tid": 5, "token": "wrong"})
+            assert refused == {"ok": False, "error": "wrong admin token"}
+        config = str(d.config_path)
+        no = run_cli("admin", "set-tid", "-c", config, "x", "5")
+        assert no.returncode == 2 and "--yes" in no.stderr
+        done = run_cli("admin", "set-tid", "-c", config, "x", "5", "--yes")
+        assert done.returncode == 0, done.stderr
+        assert "x: 0xfffffffffffffffe -> 0x5" in done.stdout and "before-correction" in done.stdout
+        done = run_cli("admin", "forget", "-c", config, "forged", "--yes")
+        assert done.returncode == 0, done.stderr
+        with d.client() as c:
+            assert c.dump() == {"x": 5}
+            c.begin("t", ["x"])
+            c.commit("t", {"x": tid_at(time.time())})  # real commits publish again
+            c.sync()
+            assert c.dump()["x"] > 5
+        kept = [read_log(f).final_tids()
+                for f in directory.glob("tidstorage.tid.before-correction-*")]
+        assert sorted(kept, key=str) == sorted([poisoned, {"x": 5, "forged": 7}], key=str)
+        deadline = time.monotonic() + 20
+        while read_log(d.status_file).final_tids().get("x", 0) <= 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "forged" not in read_log(d.status_file).final_tids()
+        log = d.log()
+        assert "ADMIN: published TID of x set to 0x5 by the operator" in log
+    finally:
+        d.kill()
+    # after a restart the corrected point is what is served
+    d.start()
+    try:
+        with d.client() as c:
+            assert "forged" not in c.dump() and c.dump()["x"] < 2**63
+    finally:
+        d.kill()

@@ -157,7 +157,7 @@ async def _serve(daemon, handler: logging.Handler) -> None:
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
 def dump(config_path, server, as_json, timeout) -> None:
     """Print the TIDs the daemon has published."""
-    from .client import Client, ClientError, parse_server
+    from .client import ClientError, parse_server
 
     config = _load(config_path)
     if server:
@@ -168,17 +168,7 @@ def dump(config_path, server, as_json, timeout) -> None:
     else:
         address = (config.server.address, config.server.port)
     try:
-        token = config.auth_token()
-    except ConfigError as exc:
-        _fail(f"configuration error: {exc}", EXIT_CONFIG)
-    ssl_context = None
-    if config.server.tls_cert is not None and not server:
-        import ssl
-
-        # The daemon's own certificate is the trust anchor (self-signed setups).
-        ssl_context = ssl.create_default_context(cafile=str(config.server.tls_cert))
-    try:
-        with Client(address, auth_token=token, timeout=timeout, ssl_context=ssl_context) as client:
+        with _client(config, address, timeout, own=not server) as client:
             tids = client.dump()
             bootstrapped = client.bootstrapped()
     except ClientError as exc:
@@ -188,6 +178,84 @@ def dump(config_path, server, as_json, timeout) -> None:
         return
     _print_tids(tids, title=f"published TIDs at {address[0]}:{address[1]}"
                 + ("" if bootstrapped else " (bootstrap not complete)"))
+
+
+def _client(config: Config, address: tuple[str, int], timeout: float, own: bool = True):
+    """A connected client of the daemon (its token; its TLS certificate as
+    the trust anchor, for self-signed setups, when it is the config's daemon)."""
+    from .client import Client
+
+    try:
+        token = config.auth_token()
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    ssl_context = None
+    if config.server.tls_cert is not None and own:
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=str(config.server.tls_cert))
+    return Client(address, auth_token=token, timeout=timeout, ssl_context=ssl_context)
+
+
+# -- admin -----------------------------------------------------------------
+
+
+@main.group()
+def admin() -> None:
+    """Correct the daemon's published state (needs [server] admin_token_file).
+
+    The TID log's records only move up: a correction starts a new TID log
+    holding the corrected state, and keeps the old file beside it
+    (``<status_file>.before-correction-<time>``).
+    """
+
+
+def _admin_request(config_path: str, request: dict, yes: bool, what: str) -> None:
+    from .client import ClientError
+
+    config = _load(config_path)
+    if not yes:
+        _fail(f"{what}: add --yes to confirm (a backup taken after this holds the corrected"
+              " point)", EXIT_CONFIG)
+    try:
+        token = config.admin_token()
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    if token is None:
+        _fail("no [server] admin_token_file in the configuration", EXIT_CONFIG)
+    address = (config.server.address, config.server.port)
+    try:
+        with _client(config, address, 10.0) as client:
+            answer = client.admin({**request, "token": token})
+    except ClientError as exc:
+        _fail(str(exc))
+    if not answer.get("ok"):
+        _fail(f"the daemon refused: {answer.get('error')}")
+    old, new = answer.get("old"), answer.get("new")
+    click.echo(f"{answer['storage']}: {'none' if old is None else f'{old:#x}'} ->"
+               f" {'none' if new is None else f'{new:#x}'}"
+               + (f"; old TID log kept as {answer['kept']}" if answer.get("kept") else ""))
+
+
+@admin.command("set-tid")
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--yes", is_flag=True, help="Confirm the change.")
+@click.argument("storage")
+@click.argument("tid", type=int)
+def admin_set_tid(config_path, yes, storage, tid) -> None:
+    """Set STORAGE's published TID to TID (even lower than it is)."""
+    _admin_request(config_path, {"verb": "set-tid", "storage": storage, "tid": tid}, yes,
+                   f"set the published TID of {storage} to {tid:#x}")
+
+
+@admin.command("forget")
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--yes", is_flag=True, help="Confirm the change.")
+@click.argument("storage")
+def admin_forget(config_path, yes, storage) -> None:
+    """Stop publishing STORAGE (an id a forged report made the daemon publish)."""
+    _admin_request(config_path, {"verb": "forget", "storage": storage}, yes,
+                   f"forget storage {storage}")
 
 
 def _print_tids(tids: dict[str, int], title: str) -> None:

@@ -87,6 +87,11 @@ class Client:
         self._send(p.DUMP_REQUEST)
         return self._read(self._reader.read_dict)
 
+    def admin(self, request: Mapping) -> dict:
+        """An ADMIN request (a dict; see ``protocol.py``); its JSON answer."""
+        self._send(p.encode_admin(request))
+        return self._read(self._reader.read_admin)
+
     def bootstrapped(self) -> bool:
         self._send(p.BOOTSTRAPED_REQUEST)
         return self._read(self._reader.read_int) == 1

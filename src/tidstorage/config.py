@@ -9,6 +9,7 @@
     burst_period = 30            # seconds; optional: incremental records
     full_dump_period = 300       # seconds; optional: full records
     auth_token_file = "secret"   # optional
+    admin_token_file = "admin"   # optional: operators' changes (tidstorage admin)
     log_file = "var/tidstorage.log"      # optional; default stderr
     tls_cert = "cert.pem"        # optional, with tls_key
     tls_key = "key.pem"
@@ -99,6 +100,7 @@ class ServerConfig:
     burst_period: float | None = None
     full_dump_period: float | None = None
     auth_token_file: Path | None = None
+    admin_token_file: Path | None = None
     log_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -125,25 +127,30 @@ class Config:
         """The auth token, read from ``auth_token_file`` (stripped)."""
         return read_token(self.server.auth_token_file)
 
+    def admin_token(self) -> str | None:
+        """The admin token (``admin_token_file``): operators' changes of the
+        published state (``tidstorage admin``) must carry it."""
+        return read_token(self.server.admin_token_file, "admin token file")
 
-def read_token(path: Path | None) -> str | None:
+
+def read_token(path: Path | None, what: str = "auth token file") -> str | None:
     """The token in ``path`` (one line, stripped), after checking the file's
     permissions (see :func:`check_secret_mode`) and the token's length."""
     if path is None:
         return None
     try:
         with open(path, "rb") as file:
-            check_secret_mode(path, os.fstat(file.fileno()).st_mode, "auth token file")
+            check_secret_mode(path, os.fstat(file.fileno()).st_mode, what)
             token = file.read().decode("utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read auth token file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"auth token file {path} is not UTF-8 text") from None
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
     if not token or "\n" in token or "\r" in token:
-        raise ConfigError(f"auth token file {path} must hold one non-empty line")
+        raise ConfigError(f"{what} {path} must hold one non-empty line")
     if len(token) < MIN_TOKEN_LENGTH:
         raise ConfigError(
-            f"auth token file {path}: the token is {len(token)} characters long, at least"
+            f"{what} {path}: the token is {len(token)} characters long, at least"
             f" {MIN_TOKEN_LENGTH} are required (e.g. openssl rand -hex 16 > {path})")
     return token
 
@@ -213,6 +220,7 @@ _SERVER_KEYS = {
     "burst_period": "seconds",
     "full_dump_period": "seconds",
     "auth_token_file": "path",
+    "admin_token_file": "path",
     "log_file": "path",
     "tls_cert": "path",
     "tls_key": "path",

@@ -83,6 +83,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -317,6 +318,8 @@ class Coordinator:
         legacy_clients: bool = True,
         any_storage: bool | None = None,
         tid_ceiling: Callable[[int], int] | None = None,
+        admin_token: str | None = None,
+        rewrite_log: Callable[[dict[str, int]], str] | None = None,
     ) -> None:
         #: storage id -> "zeo", "file" or None (unreadable)
         self.kinds = {s: k for s, k in kinds.items()}
@@ -336,6 +339,11 @@ class Coordinator:
         self.tid_ceiling = tid_ceiling
         #: storage ids reported but not configured: id -> peers that sent them
         self.unknown_ids: dict[str, set[str]] = {}
+        #: the token ADMIN requests that change the published state must carry
+        self.admin_token = admin_token
+        #: rewrite_log(state) starts a new TID log holding ``state`` and
+        #: returns where the old one is kept (the shell's); raises on failure
+        self.rewrite_log = rewrite_log
         self.tracker = Tracker(initial)
         self.gate = Gate(readable, initial)
         self._actions: list[Action] = []
@@ -473,6 +481,8 @@ class Coordinator:
                     mine = peer.session.storages if peer.session is not None else peer.storages
                     self._lost([s for s in event[1] if s in mine or self.kinds.get(s)],
                                f"{peer.name} reported lost reports")
+                elif kind is p.ADMIN:
+                    replies.append(p.encode_admin_reply(self._admin(peer, event[1])))
                 elif kind is p.QUIT:
                     peer.quit = True
                     break
@@ -956,6 +966,92 @@ class Coordinator:
         delay = RETRY_FIRST if delay is None else min(delay * 2, RETRY_MAX)
         self._retry[key] = delay
         return delay
+
+    # -- the operators' command ---------------------------------------------------
+
+    def _admin(self, peer: Peer, text: str) -> dict:
+        try:
+            request = json.loads(text)
+        except ValueError as exc:
+            return {"ok": False, "error": f"the request is not JSON: {exc}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "the request is not a JSON object"}
+        verb = request.get("verb")
+        if verb == "status":
+            if self._dirty:
+                self._publish()
+            return {"ok": True, **self.status()}
+        if verb in ("set-tid", "forget"):
+            token = request.get("token")
+            if self.admin_token is None:
+                return {"ok": False, "error": "this daemon has no admin token: set [server]"
+                        " admin_token_file to allow changing its published state"}
+            if not isinstance(token, str) or not hmac.compare_digest(
+                    token.encode(), self.admin_token.encode()):
+                self._limited.log(logging.ERROR, f"admin refused {peer.name}",
+                                  "%s: ADMIN %s refused: wrong admin token", peer.name, verb)
+                return {"ok": False, "error": "wrong admin token"}
+            storage = request.get("storage")
+            if not isinstance(storage, str) or not storage:
+                return {"ok": False, "error": "storage: a storage id is needed"}
+            if not self.any_storage and storage not in self.kinds:
+                return {"ok": False, "error": f"storage {storage!r} is not configured"}
+            tid = None
+            if verb == "set-tid":
+                tid = request.get("tid")
+                if isinstance(tid, bool) or not isinstance(tid, int) or not -1 <= tid <= p.MAX_TID:
+                    return {"ok": False, "error": "tid: an integer TID (or -1) is needed"}
+            return self._correct(peer, storage, tid)
+        return {"ok": False, "error": f"unknown verb {str(verb)[:40]!r}"}
+
+    def _correct(self, peer: Peer, storage: str, tid: int | None) -> dict:
+        """An operator sets (or forgets) a storage's published TID, even
+        downward (a point poisoned by a forged or broken report)."""
+        if self._dirty:
+            self._publish()
+        old = self.gate.published.get(storage)
+        saved = (dict(self.gate.published), self.tracker.published())
+        self.gate.correct(storage, tid)
+        self.tracker.correct(storage, tid)
+        self._offers.pop(storage, None)
+        kept = None
+        if self.rewrite_log is not None:
+            try:
+                kept = self.rewrite_log(dict(self.gate.published))
+            except Exception as exc:
+                self.gate.correct(storage, saved[0].get(storage))
+                self.tracker.correct(storage, saved[1].get(storage))
+                log.error("%s: ADMIN correction of %s failed, nothing changed: cannot start a"
+                          " new TID log: %s: %s", peer.name, storage, type(exc).__name__, exc)
+                return {"ok": False, "error": f"cannot start a new TID log: {exc}"}
+        log.warning("%s: ADMIN: published TID of %s %s by the operator (was %s); the TID"
+                    " log was started anew%s", peer.name, storage,
+                    "forgotten" if tid is None else f"set to {tid:#x}",
+                    "none" if old is None else f"{old:#x}",
+                    f" (the old one kept as {kept})" if kept else "")
+        if self.kinds.get(storage):
+            self._request_scan(storage)
+        self._dirty = True
+        return {"ok": True, "storage": storage, "old": old, "new": tid, "kept": kept}
+
+    def status(self) -> dict:
+        """What an operator (and ``tidstorage status``) needs to know."""
+        gate = self.gate
+        return {
+            "daemon": self.daemon_id,
+            "bootstrapped": self.bootstrapped,
+            "published": dict(gate.published),
+            "verified": dict(gate.verified),
+            "readable": {s: k for s, k in self.kinds.items()},
+            "in_flight": len(self._txns),
+            "resolving": sorted(self._resolutions)[:DESCRIBE_MAX],
+            "incomplete": len(gate.incomplete()),
+            "splits": {txn: {"parts": known.parts, "missing": sorted(known.never)}
+                       for txn, known in list(gate.splits.items())[:DESCRIBE_MAX]},
+            "unknown_ids": {i: sorted(p) for i, p in list(self.unknown_ids.items())[:DESCRIBE_MAX]},
+            "blocked": sorted(self._blocked),
+            "sessions": len(self._sessions),
+        }
 
     # -- publication -------------------------------------------------------------
 

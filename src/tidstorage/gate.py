@@ -199,6 +199,25 @@ class Gate:
         for storage, tid in tids.items():
             self._add_part(txn, storages, storage, tid, scanned=False)
 
+    def correct(self, storage: str, tid: int | None) -> None:
+        """An operator's correction: the published TID of ``storage`` is
+        ``tid`` (None: not published), even lower than it was. A readable
+        storage is then read again from there."""
+        if tid is None or tid < 0:
+            self.published.pop(storage, None)
+        else:
+            self.published[storage] = tid
+        self._offered.pop(storage, None)
+        self._behind.discard(storage)
+        if storage in self.verified:
+            self.verified[storage] = NONE if tid is None else tid
+            self._tids[storage] = []
+            for txn in {t for _, t in self._parts.get(storage, [])}:
+                known = self._txns[txn]
+                self._unindex(storage, known.parts.pop(storage), txn)
+                if not known.parts:
+                    del self._txns[txn]
+
     def mark_split(self, txn: str, missing: Iterable[str]) -> KnownTxn | None:
         """Record a proven split (its missing parts can never appear)."""
         known = self._txns.get(txn)

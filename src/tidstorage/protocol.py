@@ -49,6 +49,14 @@ Extensions (legacy clients never send them, so they see no difference):
     field, the daemon's id (random per daemon process): a client reaching
     the same daemon under two addresses uses one connection.
 
+``ADMIN`` request
+    The operators' command (``tidstorage status``, ``tidstorage admin``):
+    one field, a JSON object ``{"verb": ..., "token": ..., ...}`` of at most
+    :data:`MAX_FIELD_BYTES`. Reply: a list of fields that, joined, are the
+    JSON answer (at most :data:`MAX_ADMIN_REPLY_BYTES`, in fields of
+    :data:`ADMIN_CHUNK` characters). Verbs that change the published state
+    need the daemon's admin token (see ``coordinator.py``).
+
 ``SYNC`` replies ``0`` instead of ``1`` when a ``BEGIN`` received since the
 previous ``SYNC`` on the connection was refused (a rule, a budget, an
 unknown storage): the client's commit is then not registered.
@@ -102,6 +110,7 @@ AUTH = "AUTH"  # (AUTH, token: str)
 LOST = "LOST"  # (LOST, storages: list[str])
 INDOUBT = "INDOUBT"  # (INDOUBT, txn: str)
 HELLO = "HELLO"  # (HELLO, session: str, secret: str, pid: int, host: str)
+ADMIN = "ADMIN"  # (ADMIN, request: str): a JSON object
 ERROR = "ERROR"  # (ERROR, message: str): malformed input; close the connection
 
 _SIMPLE = {
@@ -300,6 +309,11 @@ class Decoder:
                         raise ProtocolError(f"HELLO pid is not a number: {pid[:40]!r}")
                     append((HELLO, session, secret, int(pid), _text(fields[i + 4], "host name")))
                     i += 5
+                elif name == "ADMIN":
+                    if i + 1 >= n:
+                        raise _Incomplete
+                    append((ADMIN, _text(fields[i + 1], "admin request")))
+                    i += 2
                 elif name == "LOST":
                     if i + 1 >= n:
                         raise _Incomplete
@@ -380,6 +394,29 @@ def encode_field(value: str) -> bytes:
     return _field(value) + b"\n"
 
 
+#: Largest answer to an ADMIN request (a status of MAX_STORAGES storages
+#: with legacy ids fits), and the size of the fields it is sent in.
+MAX_ADMIN_REPLY_BYTES = 4 * 1024 * 1024
+ADMIN_CHUNK = 8 * 1024
+
+
+def encode_admin(request: Mapping) -> bytes:
+    import json
+
+    return b"ADMIN\n" + _field(json.dumps(request, separators=(",", ":"), sort_keys=True)) + b"\n"
+
+
+def encode_admin_reply(answer: Mapping) -> bytes:
+    """The JSON answer as a list of fields (JSON text has no line break)."""
+    import json
+
+    text = json.dumps(answer, separators=(",", ":"), sort_keys=True)
+    if len(text) > MAX_ADMIN_REPLY_BYTES:
+        text = json.dumps({"ok": False, "error": f"answer over {MAX_ADMIN_REPLY_BYTES} bytes"})
+    chunks = [text[i:i + ADMIN_CHUNK] for i in range(0, len(text), ADMIN_CHUNK)] or [""]
+    return encode_list(chunks)
+
+
 DUMP_REQUEST = b"DUMP\n"
 BOOTSTRAPED_REQUEST = b"BOOTSTRAPED\n"
 SYNC_REQUEST = b"SYNC\n"
@@ -412,6 +449,29 @@ class ReplyReader:
         if not self._fields:
             return None
         return _text(self._fields.pop(0).decode("utf-8", "replace"), "reply field")
+
+    def read_admin(self) -> dict | None:
+        """The next ADMIN answer (a list of JSON pieces), or None if not
+        wholly received yet."""
+        import json
+
+        fields = self._fields
+        if not fields:
+            return None
+        count = _count(fields[0], "admin reply")
+        if count * ADMIN_CHUNK > MAX_ADMIN_REPLY_BYTES + ADMIN_CHUNK:
+            raise ProtocolError(f"admin reply of {count} fields is over the limit")
+        if len(fields) < 1 + count:
+            return None
+        text = b"".join(fields[1:1 + count]).decode("utf-8", "replace")
+        del fields[: 1 + count]
+        try:
+            answer = json.loads(text)
+        except ValueError as exc:
+            raise ProtocolError(f"admin reply is not JSON: {exc}") from None
+        if not isinstance(answer, dict):
+            raise ProtocolError("admin reply is not a JSON object")
+        return answer
 
     def read_dict(self) -> dict[str, int] | None:
         """The next dict reply, or None if not wholly received yet."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -174,7 +175,8 @@ class Daemon:
             kinds, initial, clock=time.monotonic, daemon_id=self.daemon_id,
             host=socket.gethostname(), grace=server.in_doubt_grace,
             config_name=str(config.path) if config.path else "CONFIG",
-            legacy_clients=server.legacy_clients, tid_ceiling=tid_ceiling)
+            legacy_clients=server.legacy_clients, tid_ceiling=tid_ceiling,
+            admin_token=config.admin_token(), rewrite_log=self._rewrite_log)
         if not kinds:
             log.warning("no [storages] in the configuration: any storage id is accepted and"
                         " the daemon cannot read any storage (legacy mode)")
@@ -268,6 +270,44 @@ class Daemon:
             reader.close()
         log.info("stopped; published TIDs: %s", co._short(self.core.published()))
         self._stopped.set()
+
+    def _rewrite_log(self, state: dict[str, int]) -> str | None:
+        """Start a new TID log holding ``state`` (an operator's correction:
+        the log's records only move up, so a lower TID needs a new file);
+        the old file is kept beside it. Returns its new name."""
+        if self.writer is None:
+            return None
+        path = Path(self.status_file)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = path.with_name(f"{path.name}.before-correction-{stamp}")
+        n = 1
+        while kept.exists():  # never replace an older kept log
+            n += 1
+            kept = path.with_name(f"{path.name}.before-correction-{stamp}-{n}")
+        fresh = path.with_name(f"{path.name}.new")
+        server = self.config.server
+        try:
+            fresh.unlink(missing_ok=True)
+            with TidLogWriter(fresh, burst_period=server.burst_period,
+                              full_dump_period=server.full_dump_period,
+                              initial_state=state) as new:
+                new.write_full()
+        except BaseException:
+            fresh.unlink(missing_ok=True)
+            raise
+        self.writer.close()
+        if path.exists():
+            os.replace(path, kept)
+        os.replace(fresh, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.writer = TidLogWriter(path, burst_period=server.burst_period,
+                                   full_dump_period=server.full_dump_period,
+                                   initial_state=state)
+        return str(kept)
 
     def reopen_logs(self) -> None:
         """SIGHUP: start a new TID log file (with a full record).

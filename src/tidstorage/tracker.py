@@ -214,6 +214,14 @@ class Tracker:
         published = self._published
         return {s: published.get(s, -1) for s in self._group_of}
 
+    def correct(self, storage: str, tid: int | None) -> None:
+        """An operator's correction of the published TID (even downward;
+        None: forget the storage)."""
+        if tid is None or tid < 0:
+            self._published.pop(storage, None)
+        else:
+            self._published[storage] = tid
+
     def observe_published(self, changes: Mapping[str, int]) -> None:
         """The daemon published ``changes`` (through the gate): the reported
         state moves up to them (never down)."""
