@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .backup import id_filename
 from .processes import DaemonProcess, ZeoServer
 
 STORAGES = {"main": ("a", "1"), "catalog": ("a", "2"), "archive": ("b", "1")}
@@ -257,7 +258,7 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
         dropped = _describe_cuts(outcome, {s: r.cut for s, r in result.storages.items() if r.cut},
                                  "restore")
         outcome.say(f"  restore: {dropped} transactions past the published point dropped")
-        _judge(outcome, "restore", {sid: restored / f"{sid}.fs" for sid in STORAGES})
+        _judge(outcome, "restore", {sid: restored / f"{id_filename(sid)}.fs" for sid in STORAGES})
 
         cluster.daemon.stop()
         cluster.stop_servers()

@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .backup import id_filename
 from .demo import STORAGES, Cluster, read_roots
 
 __all__ = ["KINDS", "TortureReport", "Torture", "run_torture"]
@@ -513,7 +514,7 @@ class Torture:
                 self.report.dropped_restore.append(dropped)
                 state.restore = f"dropped {dropped}"
                 self._count_lowered("restore", r, cuts)
-                paths = {sid: out / f"{sid}.fs" for sid in config.storages}
+                paths = {sid: out / f"{id_filename(sid)}.fs" for sid in config.storages}
                 if self._judge(f"round {r} restore", paths, result.coherent):
                     state.restore += ", coherent"
                     if not self.keep:
