@@ -84,7 +84,7 @@ failed).
 
 Examples::
 
-    .venv/bin/python bench/publication_lag.py                  # everything, ~8 min
+    .venv/bin/python bench/publication_lag.py --modes zeo      # ~4.5 min (both modes: ~9 min)
     .venv/bin/python bench/publication_lag.py --modes zeo --segments 2 --seconds 20
     .venv/bin/python bench/publication_lag.py --json > lag.json
 """
@@ -407,6 +407,10 @@ def run_segment(mode: str, scenario: str, index: int, args, top: Path,
         seg.daemon_log = cluster.daemon.log()
         cluster.stop()
     seg.load = load.stop()
+    # for a re-analysis (kept with --dir)
+    (directory / "samples.json").write_text(json.dumps({
+        "samples": seg.samples, "fast_samples": seg.fast_samples, "events": seg.events,
+        "restarts": seg.restarts, "paths": {k: str(v) for k, v in seg.paths.items()}}))
     return seg
 
 
