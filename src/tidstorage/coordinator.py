@@ -110,6 +110,11 @@ INCOMPLETE_DELAY = 1.0
 OWNER_POLL = 0.5
 #: How often an idle readable storage is read for unreported commits (s).
 SCAN_POLL = 0.5
+#: How long after a reported commit its storage is read (seconds): reads
+#: triggered by reports are coalesced, one per storage per this delay.
+SCAN_HINT_DELAY = 0.02
+#: How often the fast-path TID ceiling is computed again (seconds).
+CEILING_REFRESH = 0.5
 #: Retry backoff of failed no-ops and reads (seconds): first, longest.
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
@@ -352,7 +357,12 @@ class Coordinator:
         self._blocked: set[str] = set()  # unreadable storages after lost reports
         self._txns: dict[str, _Txn] = {}
         self._sessions: dict[str, _Session] = {}
-        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: ids of ended session transactions (bounded FIFO + set)
+        self._ended: set[str] = set()
+        self._ended_order: collections.deque[str] = collections.deque()
+        self._hinted: set[str] = set()  # reported past a read in flight
+        self._floor = NONE  # see _check_tids
+        self._floor_until = float("-inf")
         self._resolutions: dict[str, _Resolution] = {}
         self._proofs: dict[str, _Proof] = {}
         self._requests = 0
@@ -547,9 +557,18 @@ class Coordinator:
         ceiling = self.tid_ceiling
         if ceiling is None:
             return
+        # Fast path: below the ceiling of a storage that showed nothing yet
+        # (the lowest of all ceilings), computed at most every CEILING_REFRESH.
+        now = self.clock()
+        if now >= self._floor_until:
+            self._floor = ceiling(NONE)
+            self._floor_until = now + CEILING_REFRESH
+        floor = self._floor
         known = self.gate.verified
         published = self.gate.published
         for storage, tid in tids.items():
+            if tid <= floor:
+                continue
             last = max(known.get(storage, NONE), published.get(storage, NONE))
             limit = ceiling(last)
             if tid > limit:
@@ -558,8 +577,9 @@ class Coordinator:
                               "future-tid")
 
     def _begin(self, peer: Peer, txn: str, storages: list[str], bounds) -> None:
-        self._check_client(peer)
         session = peer.session
+        if session is None and not self.legacy_clients:
+            self._check_client(peer)
         state = self._txns.get(txn)
         if state is not None:
             if session is not None and state.session is session:
@@ -573,8 +593,9 @@ class Coordinator:
         members = frozenset(storages)
         if not members:
             raise Refused(f"BEGIN {txn!r} names no storage", "empty")
-        self._check_storages(peer, members)
-        if bounds:
+        if not self.any_storage:
+            self._check_storages(peer, members)
+        if bounds and self.tid_ceiling is not None:
             self._check_tids(txn, bounds)
         if len(self._txns) >= MAX_IN_FLIGHT:
             raise Refused(f"BEGIN {txn!r}: {len(self._txns)} transactions in flight already"
@@ -582,27 +603,30 @@ class Coordinator:
         if session is not None and len(session.txns) >= MAX_TXNS_PER_SESSION:
             raise Refused(f"BEGIN {txn!r}: session {session.id} has {len(session.txns)}"
                           " transactions in flight already (MAX_TXNS_PER_SESSION)", "budget")
-        peer.storages.update(members)
-        kinds = self.kinds
-        readable = session is not None and all(kinds.get(s) for s in members)
-        if not readable:
-            self.tracker.begin(txn, members, bounds)
-        self._txns[txn] = _Txn(txn, members, session, peer, not readable)
         if session is not None:
+            kinds = self.kinds
+            readable = all(kinds.get(s) for s in members)
+            if not readable:
+                self.tracker.begin(txn, members, bounds)
+            self._txns[txn] = _Txn(txn, members, session, peer, not readable)
             session.txns.add(txn)
             session.storages.update(members)
         else:
+            self.tracker.begin(txn, members, bounds)
+            self._txns[txn] = _Txn(txn, members, None, peer, True)
             peer.begun.add(txn)
+        peer.storages.update(members)
 
     def _end(self, peer: Peer, txn: str, tids: Mapping[str, int] | None) -> None:
-        self._check_client(peer)
+        if peer.session is None and not self.legacy_clients:
+            self._check_client(peer)
         state = self._txns.get(txn)
         if state is not None and state.session is not None and peer.session is not state.session:
             # Reports are bound to the session that began the transaction: a
             # coherency id read from a Data.fs must not let anyone end it.
             raise Refused(f"{'COMMIT' if tids is not None else 'ABORT'} {txn!r} from"
                           f" {peer.name}, which is not the session that began it", "session")
-        if tids is not None:
+        if tids is not None and self.tid_ceiling is not None:
             try:
                 self._check_tids(txn, tids)
             except Refused:
@@ -621,38 +645,48 @@ class Coordinator:
             what = "COMMIT" if tids is not None else "ABORT"
             raise Refused(f"{what} {txn!r} received, but it never began (or ended already)",
                           "unknown")
-        if tids is not None and set(tids) != state.storages:
+        if state.in_tracker:  # the tracker checks the storages match
+            pub = self.tracker.commit(txn, tids) if tids is not None else self.tracker.abort(txn)
+            if pub.published or pub.decreases:
+                self._tracker_published(pub)
+        elif tids is not None and (len(tids) != len(state.storages)
+                                   or not state.storages.issuperset(tids)):
             raise Refused(f"COMMIT {txn!r} names storages {sorted(tids)} but BEGIN named"
                           f" {sorted(state.storages)}", "mismatch")
-        if state.in_tracker:
-            pub = self.tracker.commit(txn, tids) if tids is not None else self.tracker.abort(txn)
-            self._tracker_published(pub)
         self._forget_txn(state)
         if tids is not None:
             if len(tids) > 1:
                 self.gate.report(txn, tids)
-            self._scan_hint(tids)
+            if self.gate.verified:
+                self._scan_hint(tids)
         self._dirty = True
 
     def _forget_txn(self, state: _Txn) -> None:
         txn = state.id
         self._txns.pop(txn, None)
-        self._cancel_resolution(txn)
-        if state.session is not None:
-            state.session.txns.discard(txn)
+        if self._resolutions:
+            self._resolutions.pop(txn, None)
         if state.peer is not None:
             state.peer.begun.discard(txn)
-        self._ended[txn] = None
-        if len(self._ended) > MAX_ENDED:
-            self._ended.popitem(last=False)
+        if state.session is not None:  # legacy ids may be reused; session ids never are
+            state.session.txns.discard(txn)
+            self._ended.add(txn)
+            self._ended_order.append(txn)
+            if len(self._ended_order) > MAX_ENDED:
+                self._ended.discard(self._ended_order.popleft())
 
     def _scan_hint(self, tids: Mapping[str, int]) -> None:
-        """Reported TIDs above a frontier: read that storage now."""
+        """Reported TIDs above a frontier: read that storage soon. Reads are
+        coalesced (one per SCAN_HINT_DELAY per storage): a read through ZEO
+        per commit would compete with the commits themselves."""
         verified = self.gate.verified
         for storage, tid in tids.items():
             frontier = verified.get(storage)
             if frontier is not None and tid > frontier:
-                self._request_scan(storage)
+                if self._scan_busy[storage]:
+                    self._hinted.add(storage)  # read again soon after this read
+                else:
+                    self._timer(("hint", storage), SCAN_HINT_DELAY)
 
     def _tracker_published(self, pub: Publication) -> None:
         for storage, tid, old in pub.decreases:
@@ -872,6 +906,9 @@ class Coordinator:
         if more or self._scan_again[storage]:
             self._scan_again[storage] = False
             self._request_scan(storage)
+        elif storage in self._hinted:
+            self._hinted.discard(storage)
+            self._timer(("hint", storage), SCAN_HINT_DELAY)
         else:
             self._timer(("poll", storage), SCAN_POLL)
         for res in list(self._resolutions.values()):
@@ -937,7 +974,7 @@ class Coordinator:
     def timer(self, key: tuple) -> None:
         self._armed.discard(key)
         kind = key[0]
-        if kind == "poll" or kind == "scan":
+        if kind == "poll" or kind == "scan" or kind == "hint":
             storage = key[1]
             if not self._scan_busy[storage]:
                 self._request_scan(storage)

@@ -192,6 +192,12 @@ class Gate:
         """
         if len(tids) < 2:
             return
+        verified = self.verified
+        for storage in tids:
+            if storage in verified:
+                break
+        else:
+            return  # no readable storage: the tracker keeps it whole (see Limits)
         published = self.published
         if txn not in self._txns and all(t <= published.get(s, NONE) for s, t in tids.items()):
             return  # a late report of something already published whole
