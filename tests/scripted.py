@@ -17,6 +17,7 @@ starting with ``ok`` (or ``error``):
 ``commit a,b kill=between``   SIGKILL this process after the first finish
 ``last``                      ``ok {"a": tid, ...}`` (lastTransaction of each)
 ``wait-connected``            wait until every reporter is connected
+``reporters``                 how many connections the storages report through
 ``wait-disconnected``         wait until no reporter is connected
 ``exit``                      close the databases and exit 0
 ``quit-open``                 exit 0 without closing anything (atexit only)
@@ -152,6 +153,16 @@ def main() -> int:
                         raise TimeoutError(command)
                     time.sleep(0.01)
                 say("ok")
+            elif command == "reporters":
+                import time
+
+                deadline = time.monotonic() + 30  # aliases form once connected
+                while True:
+                    targets = {id(db.storage.reporter.target()) for db in databases.values()}
+                    if len(targets) == 1 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                say(f"ok {len(targets)}")
             elif command == "last":
                 say("ok " + json.dumps({n: u64(db.storage.lastTransaction())
                                         for n, db in databases.items()}))

@@ -226,6 +226,7 @@ def test_two_sections_naming_one_daemon_differently_make_one_stamped_commit(clus
                         {"a1": 0.4, "b1": 0.9})
     w = writers({"zconfig": text})
     w.do("wait-connected")
+    assert w.do("reporters") == "1"  # one connection: the daemon's id, not the address
     tids = w.do("commit a1,b1")
     w.do("commit a1,b1")
     lasts = w.do("last")
