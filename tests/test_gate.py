@@ -136,3 +136,24 @@ def test_the_gate_publishes_the_largest_coherent_point_of_what_it_read(history):
             kept = {s for s, t in parts.items() if t <= published.get(s, NONE)}
             assert not kept or (kept == truth[txn] and set(parts) == truth[txn]), (
                 txn, parts, published)
+
+
+def test_what_a_split_holds_back_is_bounded(monkeypatch):
+    """A split freezes its storage while writers go on: the daemon stops
+    reading it beyond a named bound instead of growing for ever."""
+    from tidstorage import coordinator as co
+
+    monkeypatch.setattr(co, "MAX_HELD_TIDS", 50)
+    c = co.Coordinator({"a": "file", "b": "file"}, {"a": 0, "b": 0}, clock=lambda: 0.0,
+                       daemon_id="d")
+    c.start()
+    scans = [a for a in c.take_actions() if isinstance(a, co.Scan)]
+    first = {a.storage: a for a in scans}
+    # T is on a only (a split); then a keeps being written
+    records = [(1, stamp("T", "a", "b"))] + [(i, None) for i in range(2, 200)]
+    c.scan_result("a", first["a"].seq, records)
+    c.scan_result("b", first["b"].seq, [(1, None)])
+    actions = c.take_actions()
+    assert "a" in c.status()["held_back"]
+    assert not any(isinstance(x, co.Scan) and x.storage == "a" for x in actions)
+    assert c.published().get("a", 0) == 0 and c.published()["b"] == 1

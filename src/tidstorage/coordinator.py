@@ -131,6 +131,11 @@ MAX_PEERS_PER_SESSION = 16
 #: one transaction per thread at a time): a BEGIN beyond is refused.
 MAX_IN_FLIGHT = 100_000
 MAX_TXNS_PER_SESSION = 10_000
+#: Most transactions read on one storage above its published TID, and most
+#: transactions the gate knows of: the memory a split can make the daemon
+#: hold (it freezes storages while the writers go on) until it is repaired.
+MAX_HELD_TIDS = 2_000_000
+MAX_KNOWN = 200_000
 #: Most unknown storage ids remembered for status (a flood of ids must not
 #: grow the daemon), and most names listed in one log line.
 MAX_UNKNOWN_IDS = 1000
@@ -361,6 +366,7 @@ class Coordinator:
         self._ended: set[str] = set()
         self._ended_order: collections.deque[str] = collections.deque()
         self._hinted: set[str] = set()  # reported past a read in flight
+        self._held_back: set[str] = set()  # not read any more (_check_held)
         self._floor = NONE  # see _check_tids
         self._floor_until = float("-inf")
         self._resolutions: dict[str, _Resolution] = {}
@@ -858,6 +864,11 @@ class Coordinator:
 
     def _request_scan(self, storage: str) -> int:
         """A read of ``storage`` that starts after now; returns its seq."""
+        if storage in self._held_back:
+            # Not read any more (see _check_held): the read is "done" at once.
+            self._scan_seq[storage] += 1
+            self._scan_done[storage] = self._scan_seq[storage]
+            return self._scan_seq[storage]
         if self._scan_busy[storage]:
             self._scan_again[storage] = True
             return self._scan_seq[storage] + 1
@@ -892,6 +903,7 @@ class Coordinator:
             self.gate.feed(storage, records)
             self._dirty = True
             self.stats["records"] += len(records)
+            self._check_held(storage)
         self._scan_done[storage] = seq
         if storage not in self._scanned_once:
             self._scanned_once.add(storage)
@@ -916,6 +928,27 @@ class Coordinator:
                 self._progress(res)
         if records:
             self._check_incomplete()
+
+    def _check_held(self, storage: str) -> None:
+        """What the gate holds back (a split freezes its storages, and every
+        later transaction linking them) must not grow for ever: beyond
+        MAX_HELD_TIDS read transactions of one storage above its published
+        TID, or MAX_KNOWN known transactions, the storage is not read any
+        more (it cannot publish anyway) until the split is repaired and the
+        daemon restarted, or an operator corrects the point."""
+        held = self.gate.held(storage)
+        if held <= MAX_HELD_TIDS and len(self.gate) <= MAX_KNOWN:
+            return
+        if storage not in self._held_back:
+            self._held_back.add(storage)
+            splits = _names(self.gate.splits) or "none declared yet"
+            log.critical(
+                "storage %s: %d transactions read above its published TID %s, %d known"
+                " transactions held back (splits: %s): the daemon stops reading it"
+                " (MAX_HELD_TIDS %d, MAX_KNOWN %d); nothing more is published for it until the"
+                " split is repaired (tidstorage repair, then restart the daemon)",
+                storage, held, _short({storage: self.gate.published.get(storage, NONE)}),
+                len(self.gate), splits, MAX_HELD_TIDS, MAX_KNOWN)
 
     def noop_result(self, request: int, tids: Mapping[str, int] | None,
                     error: str | None = None) -> None:
@@ -1087,6 +1120,7 @@ class Coordinator:
                        for txn, known in list(gate.splits.items())[:DESCRIBE_MAX]},
             "unknown_ids": {i: sorted(p) for i, p in list(self.unknown_ids.items())[:DESCRIBE_MAX]},
             "blocked": sorted(self._blocked),
+            "held_back": sorted(self._held_back),
             "sessions": len(self._sessions),
         }
 
@@ -1165,6 +1199,8 @@ class Coordinator:
                          f" {len(splits)} splits)")
         if self._blocked:
             lines.append(f"blocked (unreadable, lost reports): {_names(self._blocked)}")
+        if self._held_back:
+            lines.append(f"held back, not read any more: {_names(self._held_back)}")
         return "\n".join(lines)
 
     def in_flight(self) -> dict[str, frozenset[str]]:

@@ -164,6 +164,10 @@ class Gate:
     def __len__(self) -> int:
         return len(self._txns)
 
+    def held(self, storage: str) -> int:
+        """How many transactions read on ``storage`` lie above its published TID."""
+        return len(self._tids.get(storage, ()))
+
     # -- what the daemon learns ------------------------------------------
 
     def feed(self, storage: str, records: Iterable[tuple[int, Stamp | None]]) -> None:
