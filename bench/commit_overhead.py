@@ -91,9 +91,9 @@ from persistent.mapping import PersistentMapping  # noqa: E402
 
 from servers import ZeoServer, free_port, wait_for_port  # noqa: E402
 from tidstorage import workload  # noqa: E402
-from tidstorage.processes import DaemonProcess  # noqa: E402
-from tidstorage.reporter import Reporter  # noqa: E402
-from tidstorage.storage import TIDStorage  # noqa: E402
+from tidstorage.demo.cluster import DaemonProcess  # noqa: E402
+from tidstorage.zodb.reporter import Reporter  # noqa: E402
+from tidstorage.zodb.storage import TIDStorage  # noqa: E402
 
 STORAGES = ("s1", "s2")
 TARGET_MULTI = 0.10

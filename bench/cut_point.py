@@ -6,7 +6,7 @@ API: tpc_begin/store/tpc_vote/tpc_finish; every record is a valid
 PersistentMapping pickle), then times, side by side, finding the cut 1,000
 transactions before the end:
 
-* ours:   ``tidstorage.fsscan.find_cut(path, tid)`` (backward walk);
+* ours:   ``tidstorage.formats.filestorage.find_cut(path, tid)`` (backward walk);
 * legacy: ``FileStorage(path, read_only=True, stop=tid + 1).getSize()`` with
   no ``Data.fs.index`` (``stop`` is exclusive, hence ``tid + 1``);
 
@@ -43,8 +43,7 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
-from tidstorage import fsscan
-
+from tidstorage.formats import filestorage
 GB = 1 << 30
 MB = 1 << 20
 
@@ -164,7 +163,7 @@ def fmt(seconds):
 
 def count_reads(func):
     counts = [0, 0]
-    real = fsscan._pread
+    real = filestorage._pread
 
     def counting(fd, n, pos):
         data = real(fd, n, pos)
@@ -172,11 +171,11 @@ def count_reads(func):
         counts[1] += len(data)
         return data
 
-    fsscan._pread = counting
+    filestorage._pread = counting
     try:
         func()
     finally:
-        fsscan._pread = real
+        filestorage._pread = real
     return counts
 
 
@@ -208,7 +207,7 @@ def main(argv=None):
         if (os.path.exists(path) and abs(os.path.getsize(path) - size_bytes)
                 < 0.05 * size_bytes):
             print(f"reusing {path}")
-            tids = [h.tid for h in fsscan.tail_transactions(
+            tids = [h.tid for h in filestorage.tail_transactions(
                 path, limit=args.from_end + 1)]
             nrecords = None
         else:
@@ -233,9 +232,9 @@ def main(argv=None):
             os.replace(index, saved_index)
 
         ours_repeat = max(30, args.repeat * 30)
-        cut, ours_t = timed(lambda: fsscan.find_cut(path, cut_tid),
+        cut, ours_t = timed(lambda: filestorage.find_cut(path, cut_tid),
                             ours_repeat)
-        reads, nbytes = count_reads(lambda: fsscan.find_cut(path, cut_tid))
+        reads, nbytes = count_reads(lambda: filestorage.find_cut(path, cut_tid))
         legacy, legacy_t = timed(lambda: legacy_cut(path, cut_tid),
                                  args.repeat)
         assert not os.path.exists(index), "read-only FileStorage wrote index"
@@ -259,7 +258,7 @@ def main(argv=None):
         ok = same and cut.dropped == args.from_end
 
         if args.cold:
-            _, ours_c = timed(lambda: fsscan.find_cut(path, cut_tid),
+            _, ours_c = timed(lambda: filestorage.find_cut(path, cut_tid),
                               args.repeat, cold_path=path)
             _, legacy_c = timed(lambda: legacy_cut(path, cut_tid),
                                 args.repeat, cold_path=path)
@@ -274,7 +273,7 @@ def main(argv=None):
             print("writing Data.fs.index (opening the storage for writing)")
             FileStorage(path).close()
         with_index, _ = timed(lambda: legacy_cut(path, cut_tid), 1)
-        cut2 = fsscan.find_cut(path, cut_tid)
+        cut2 = filestorage.find_cut(path, cut_tid)
         print("with Data.fs.index present:")
         verdict = ("WRONG (ignores stop)" if with_index != cut.offset
                    else "ok")

@@ -94,8 +94,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from tidstorage import protocol as p
-from tidstorage.tids import tid_at
+from tidstorage.core import protocol as p
+from tidstorage.core.tids import tid_at
 
 SYNC = p.SYNC_REQUEST
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -695,13 +695,13 @@ def breakdown(args) -> dict:
       daemon minus asyncio, sockets and its scheduling of bulk reads.
     """
     from tidstorage.config import Config, ServerConfig
-    from tidstorage.server import Daemon
+    from tidstorage.daemon.server import Daemon
 
     try:
-        from tidstorage.connection import Connection as _Connection
+        from tidstorage.daemon.connection import Connection as _Connection
     except ImportError:  # before connection.py was split out of server.py
-        from tidstorage.server import _Connection
-    from tidstorage.tracker import Tracker
+        from tidstorage.daemon.server import _Connection
+    from tidstorage.core.tracker import Tracker
 
     storages = [args.storage_format % i for i in range(args.storages)]
     nbatches = max(1, args.breakdown_tx // args.batch)

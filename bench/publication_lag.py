@@ -3,7 +3,7 @@
 
 Everything runs on this machine, with real processes:
 
-* **zeo** mode: two ``runzeo`` servers (``tidstorage.processes.ZeoServer``):
+* **zeo** mode: two ``runzeo`` servers (``tidstorage.demo.cluster.ZeoServer``):
   server ``a`` serves the storages ``a1`` and ``a2``, server ``b`` serves
   ``b1``; the daemon (``DaemonProcess``, ``tidstorage serve``) has each
   storage's ``zeo`` address and ``data_fs``;
@@ -11,7 +11,7 @@ Everything runs on this machine, with real processes:
   by the writer processes themselves; the daemon has ``data_fs`` and no
   ``zeo`` (it reads the files, read-only). A FileStorage is opened by one
   process at a time, so there is one writer process at a time;
-* writers are ``python -m tidstorage.workload`` subprocesses (random
+* writers are ``python -m tidstorage.demo.workload`` subprocesses (random
   subsets of their storages, a cross-storage invariant, ``--pause`` between
   commits), wrapped by tidstorage and reporting to the daemon;
 * a sampler thread sends ``DUMP`` every ``--interval`` (100 ms) on its own
@@ -110,11 +110,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tidstorage import fsscan
-from tidstorage.client import Client, ClientError
-from tidstorage.processes import DaemonProcess, ZeoServer
-from tidstorage.stamps import stamp_of, largest_coherent_cut
-from tidstorage.tids import MAX_TID, tid_seconds
+from tidstorage.formats import filestorage
+from tidstorage.daemon.client import Client, ClientError
+from tidstorage.demo.cluster import DaemonProcess, ZeoServer
+from tidstorage.core.stamps import stamp_of, largest_coherent_cut
+from tidstorage.core.tids import MAX_TID, tid_seconds
 
 STORAGES = ("a1", "a2", "b1")
 #: zeo mode: storage -> (server, zeo storage name)
@@ -240,7 +240,7 @@ class Cluster:
             where = ["--zeo", json.dumps(spec)]
         else:
             where = ["--files", json.dumps({s: str(self.paths[s]) for s in storages})]
-        cmd = [sys.executable, "-m", "tidstorage.workload", *where,
+        cmd = [sys.executable, "-m", "tidstorage.demo.workload", *where,
                "--server", "127.0.0.1:%d" % self.daemon.port, "--writer", str(number),
                "--seconds", f"{seconds:.3f}", "--seed", str(rng.randrange(1 << 30)),
                "--pause", str(self.pause)]
@@ -550,7 +550,7 @@ def read_files(paths: dict) -> Files:
     for s, path in paths.items():
         lst, tl, recs = [], [], []
         if Path(path).exists():
-            for h in fsscan.iter_forward(path):
+            for h in filestorage.iter_forward(path):
                 if not h.finished:
                     break
                 ext = h.ext()

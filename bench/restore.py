@@ -48,8 +48,8 @@ from ZODB.FileStorage import FileStorage  # noqa: E402
 from ZODB.utils import p64, u64, z64  # noqa: E402
 
 from tidstorage import fsscan, tidlog  # noqa: E402
-from tidstorage.backup import repozo_argv  # noqa: E402
-from tidstorage.stamps import stamp_value  # noqa: E402
+from tidstorage.tools.backup import repozo_argv  # noqa: E402
+from tidstorage.core.stamps import stamp_value  # noqa: E402
 
 MB = 1 << 20
 TIDSTORAGE = [sys.executable, "-m", "tidstorage"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import simulation as sim  # noqa: E402
+from support import simulation as sim  # noqa: E402
 
 CHUNK = 100
 

@@ -2,7 +2,7 @@
 """Torture: random crashes on a live cluster; every restore and repair must be coherent.
 
 The long variant of ``tests/test_torture.py`` (the logic is
-``tidstorage.torture``): two real ``runzeo`` servers (three storages), the
+``tests/support/torture.py``): two real ``runzeo`` servers (three storages), the
 real daemon, ``--writers`` writer processes committing over random subsets
 of the storages with a cross-storage invariant, and during each round of
 ``--seconds`` seconds, at random moments (``--seed``): a writer killed
@@ -30,7 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tidstorage.torture import run_torture
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.torture import run_torture  # noqa: E402  (test support, not the product)
 
 
 def main(argv: list[str] | None = None) -> int:

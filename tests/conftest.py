@@ -11,7 +11,7 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from servers import ZeoServer  # noqa: E402
+from tidstorage.demo.cluster import ZeoServer  # noqa: E402
 
 
 @pytest.fixture
@@ -68,10 +68,9 @@ def cluster(tmp_path, two_zeo_servers):
     import json
     import sys
 
-    from daemon import DaemonProcess
+    from tidstorage.demo.cluster import DaemonProcess
 
-    from tidstorage import workload
-
+    from tidstorage.demo import workload
     a, b = two_zeo_servers
     zeo = {
         "a1": (a.address, "1", a.data_fs("1")),
@@ -107,7 +106,7 @@ def cluster(tmp_path, two_zeo_servers):
         @staticmethod
         def writer_cmd(writer, **kw):
             spec = {k: [v[0][0], v[0][1], v[1]] for k, v in zeo.items()}
-            cmd = [sys.executable, "-m", "tidstorage.workload", "--zeo", json.dumps(spec),
+            cmd = [sys.executable, "-m", "tidstorage.demo.workload", "--zeo", json.dumps(spec),
                    "--server", f"127.0.0.1:{d.port}", "--writer", str(writer)]
             for key, value in kw.items():
                 cmd += [f"--{key.replace('_', '-')}", str(value)]

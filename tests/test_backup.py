@@ -9,9 +9,9 @@ import sys
 import pytest
 import zc.lockfile
 
-from fsfixtures import Site, run_cli
-from tidstorage import blobs
-from tidstorage.backup import BACKUP_LOCK, IDENTITY_FILE, data_files, tidlog_copies
+from support.fsfixtures import Site, run_cli
+from tidstorage.formats import blobs
+from tidstorage.tools.backup import BACKUP_LOCK, IDENTITY_FILE, data_files, tidlog_copies
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def test_concurrent_backup_is_refused(tmp_path):
 def test_disk_full_during_backup(tmp_path):
     """Writes beyond 3 KB fail (RLIMIT_FSIZE): repozo fails, its debris is
     removed, no timestamp is appended."""
-    from fsfixtures import fsize_limit
+    from support.fsfixtures import fsize_limit
 
     site = Site(tmp_path / "site", ("a", "b"), blobs=False)
     with site:

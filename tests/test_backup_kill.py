@@ -16,8 +16,8 @@ import pytest
 import zc.lockfile
 from persistent.mapping import PersistentMapping
 
-from fsfixtures import TIDSTORAGE, Site, digest, run_cli
-from tidstorage.backup import BACKUP_LOCK, INTERRUPTED_DIR, data_files, format_timestamp
+from support.fsfixtures import TIDSTORAGE, Site, digest, run_cli
+from tidstorage.tools.backup import BACKUP_LOCK, INTERRUPTED_DIR, data_files, format_timestamp
 
 #: generous: a loaded machine
 LIMIT = 60.0

@@ -11,10 +11,8 @@ import sys
 
 import pytest
 
-from fsfixtures import Site, read_counters, run_cli
-from tidstorage import blobs
-
-
+from support.fsfixtures import Site, read_counters, run_cli
+from tidstorage.formats import blobs
 @pytest.fixture(autouse=True)
 def _no_fsync_in_zodb(monkeypatch):
     monkeypatch.setattr(sys.modules["ZODB.FileStorage.FileStorage"], "fsync", None)

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon import DaemonProcess
+from tidstorage.demo.cluster import DaemonProcess
 
-from tidstorage import connection as connection_mod
-from tidstorage import coordinator as co
-from tidstorage import protocol as p
-from tidstorage import server as server_mod
-from tidstorage.client import Client
+from tidstorage.daemon import connection as connection_mod
+from tidstorage.core import coordinator as co
+from tidstorage.core import protocol as p
+from tidstorage.daemon import server as server_mod
+from tidstorage.daemon.client import Client
 from tidstorage.config import parse_config
 
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import zc.lockfile
 
-from fsfixtures import Site, read_counters, run_cli, tree_state
-from tidstorage import blobs
-from tidstorage.backup import BACKUP_LOCK, data_files, run_backup, tidlog_copies
+from support.fsfixtures import Site, read_counters, run_cli, tree_state
+from tidstorage.formats import blobs
+from tidstorage.tools.backup import BACKUP_LOCK, data_files, run_backup, tidlog_copies
 from tidstorage.config import load_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fsfixtures import run_cli
+from support.fsfixtures import run_cli
 from tidstorage.config import ConfigError, load_config
 
 
@@ -135,7 +135,7 @@ def test_listening_beyond_loopback_without_a_token_is_warned(tmp_path, address, 
 
 
 def test_serve_logs_the_warning_when_listening_on_all_interfaces(tmp_path):
-    from tidstorage.processes import DaemonProcess
+    from tidstorage.demo.cluster import DaemonProcess
 
     d = DaemonProcess(tmp_path / "d", server={"address": "0.0.0.0"}).start()
     try:
@@ -163,7 +163,7 @@ def test_the_status_file_keeps_its_last_component(tmp_path):
 
 
 def test_the_tid_log_writer_refuses_a_symbolic_link(tmp_path):
-    from tidstorage.tidlog import TidLogWriter, read_log
+    from tidstorage.formats.tidlog import TidLogWriter, read_log
 
     target = tmp_path / "elsewhere"
     target.write_text("")
@@ -201,7 +201,7 @@ def test_serve_refuses_a_status_file_that_is_a_symbolic_link(tmp_path):
 
 
 def test_more_storages_than_the_daemon_tracks_are_refused(tmp_path):
-    from tidstorage.protocol import MAX_STORAGES
+    from tidstorage.core.protocol import MAX_STORAGES
 
     path = tmp_path / "t.toml"
     path.write_text("".join(f"[storages.s{i}]\n" for i in range(MAX_STORAGES + 1)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import unittest
 
 import ZODB.FileStorage
-from servers import free_port
+from tidstorage.demo.cluster import free_port
 from ZODB.tests import (
     BasicStorage,
     ConflictResolution,
@@ -30,7 +30,7 @@ from ZODB.tests import (
     TransactionalUndoStorage,
 )
 
-from tidstorage.storage import TIDStorage, wrap
+from tidstorage.zodb.storage import TIDStorage, wrap
 
 _PORT = free_port()  # nothing listens there: the daemon is down
 

@@ -16,13 +16,12 @@ import socket
 import time
 
 import pytest
-from daemon import DaemonProcess
+from tidstorage.demo.cluster import DaemonProcess
 from test_storage_faults import wait_for_log
 
-from tidstorage import protocol as p
-
-from tidstorage.tidlog import read_log
-from tidstorage.tids import tid_at
+from tidstorage.core import protocol as p
+from tidstorage.formats.tidlog import read_log
+from tidstorage.core.tids import tid_at
 
 
 class Raw:
@@ -271,7 +270,7 @@ def test_an_operator_corrects_a_poisoned_point_through_the_daemon(tmp_path):
     """A legacy daemon's log published a TID from the future (before
     max_tid_ahead existed): the operator lowers it and forgets a forged id,
     with the admin token; without it, nothing changes."""
-    from tidstorage.tidlog import encode_record
+    from tidstorage.formats.tidlog import encode_record
 
     admin = tmp_path / "admin-token"
     admin.write_text("an-admin-token-of-enough-length\n")

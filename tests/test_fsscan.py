@@ -1,4 +1,4 @@
-"""Tests for tidstorage.fsscan with real FileStorage files written by ZODB."""
+"""Tests for tidstorage.formats.filestorage with real FileStorage files written by ZODB."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
-from tidstorage import fsscan
-from tidstorage.fsscan import CutPoint
-from tidstorage.fsscan import ScanError
-from tidstorage.fsscan import TxnHeader
-from tidstorage.fsscan import UnsafeExtensionError
+from tidstorage.formats import filestorage
+from tidstorage.formats.filestorage import CutPoint
+from tidstorage.formats.filestorage import ScanError
+from tidstorage.formats.filestorage import TxnHeader
+from tidstorage.formats.filestorage import UnsafeExtensionError
 
 MAXTID = (1 << 64) - 1
 
@@ -190,11 +190,11 @@ def all_oids(storage):
 def blocks(request, monkeypatch):
     """Run with the real read windows and with absurdly small ones."""
     if request.param == "tiny-blocks":
-        monkeypatch.setattr(fsscan, "_BLOCK_FIRST", 64)
-        monkeypatch.setattr(fsscan, "_BLOCK_BACK", 40)
-        monkeypatch.setattr(fsscan, "_BLOCK_FWD", 50)
-        monkeypatch.setattr(fsscan, "_BIG_RECORD", 100)
-        monkeypatch.setattr(fsscan, "_HDR_AHEAD", 0)
+        monkeypatch.setattr(filestorage, "_BLOCK_FIRST", 64)
+        monkeypatch.setattr(filestorage, "_BLOCK_BACK", 40)
+        monkeypatch.setattr(filestorage, "_BLOCK_FWD", 50)
+        monkeypatch.setattr(filestorage, "_BIG_RECORD", 100)
+        monkeypatch.setattr(filestorage, "_HDR_AHEAD", 0)
     return request.param
 
 
@@ -208,14 +208,14 @@ def test_find_cut_matches_forward_reference_for_every_tid(rich, tmp_path,
     src, tids, refs = rich
     path = copy_data_fs(src, tmp_path)  # no .index
     for tid in candidate_tids(tids):
-        cut = fsscan.find_cut(path, tid)
+        cut = filestorage.find_cut(path, tid)
         offset, kept, dropped = expected_cut(refs, tid)
         assert isinstance(cut, CutPoint)
         assert (cut.offset, cut.last_tid, cut.dropped) == \
             (offset, kept, dropped), hex(tid)
         assert cut.method == "backward" and cut.warning is None
     # tid given as 8 bytes works too
-    assert fsscan.find_cut(path, p64(tids[3])).last_tid == tids[3]
+    assert filestorage.find_cut(path, p64(tids[3])).last_tid == tids[3]
 
 
 def test_find_cut_matches_legacy_filestorage_stop_without_index(rich,
@@ -226,7 +226,7 @@ def test_find_cut_matches_legacy_filestorage_stop_without_index(rich,
     for tid in candidate_tids(tids):
         if tid == MAXTID:
             continue
-        assert fsscan.find_cut(path, tid).offset == legacy_size(path, tid)
+        assert filestorage.find_cut(path, tid).offset == legacy_size(path, tid)
     # read-only opens do not write an index
     assert not os.path.exists(path + ".index")
 
@@ -241,8 +241,8 @@ def test_truncated_copy_opens_at_expected_tid(rich, tmp_path, which):
         for n, tid in enumerate(targets):
             path = copy_data_fs(src, tmp_path / f"{which}{n}",
                                 with_index=(n % 2 == 0))
-            cut = fsscan.find_cut(path, tid)
-            fsscan.truncate_at(path, cut.offset)
+            cut = filestorage.find_cut(path, tid)
+            filestorage.truncate_at(path, cut.offset)
             assert os.path.getsize(path) == cut.offset
             # a stale index is removed when the size changes
             assert not os.path.exists(path + ".index") or cut.dropped == 0
@@ -295,7 +295,7 @@ def test_index_present_legacy_is_wrong_find_cut_is_right(rich, tmp_path):
     assert offset < size
     # The legacy approach ignores stop= when an index exists: full size.
     assert legacy_size(path, middle) == size
-    cut = fsscan.find_cut(path, middle)
+    cut = filestorage.find_cut(path, middle)
     assert (cut.offset, cut.last_tid, cut.dropped) == (offset, kept, dropped)
     # and without the index the legacy approach agrees with us
     os.remove(path + ".index")
@@ -337,23 +337,23 @@ def test_trailing_checkpoint_record_is_dropped(crashed):
     path, good_size, tids, refs = crashed
     # what a crash at vote leaves behind
     assert os.path.exists(path + ".tmp") and os.path.exists(path + ".lock")
-    back = list(fsscan.iter_backward(path))
+    back = list(filestorage.iter_backward(path))
     assert back[0].status == b"c" and back[0].pos == good_size
     assert back[0].end == os.path.getsize(path)
     assert back[0].tid > tids[-1] and back[0].user == b"crash"
     assert [h.tid for h in back[1:]][::-1] == tids
-    fwd = list(fsscan.iter_forward(path))
+    fwd = list(filestorage.iter_forward(path))
     assert fwd[-1].status == b"c" and fwd[:-1] == back[1:][::-1]
 
     for tid in (tids[-1], back[0].tid, MAXTID):
-        cut = fsscan.find_cut(path, tid)
+        cut = filestorage.find_cut(path, tid)
         assert cut == CutPoint(good_size, tids[-1], 1, "backward", None)
-    cut = fsscan.find_cut(path, tids[-3])
+    cut = filestorage.find_cut(path, tids[-3])
     assert (cut.offset, cut.dropped) == (refs[-3][2], 3)
 
-    assert fsscan.last_tid(path) == tids[-1]
-    assert [h.tid for h in fsscan.tail_transactions(path)] == tids
-    assert [h.tid for h in fsscan.tail_transactions(path, limit=2)] == \
+    assert filestorage.last_tid(path) == tids[-1]
+    assert [h.tid for h in filestorage.tail_transactions(path)] == tids
+    assert [h.tid for h in filestorage.tail_transactions(path, limit=2)] == \
         tids[-2:]
 
     # A read-only FileStorage stops its scan before the 'c' record too, but
@@ -365,8 +365,8 @@ def test_trailing_checkpoint_record_is_dropped(crashed):
 
     # the 'c' record is no place to cut, the end of the last finished one is
     with pytest.raises(ScanError):
-        fsscan.truncate_at(path, os.path.getsize(path) - 1)
-    fsscan.truncate_at(path, good_size)
+        filestorage.truncate_at(path, os.path.getsize(path) - 1)
+    filestorage.truncate_at(path, good_size)
     fs = FileStorage(path)  # writable: nothing left to repair
     assert u64(fs.lastTransaction()) == tids[-1]
     fs.close()
@@ -425,17 +425,17 @@ def test_damaged_tail_falls_back_to_forward_scan(rich, tmp_path, kind, caplog,
     kept_refs = _damage(path, kind, refs)
     size = os.path.getsize(path)
     with pytest.raises(ScanError) as exc_info:
-        list(fsscan.iter_backward(path))
+        list(filestorage.iter_backward(path))
     assert path in str(exc_info.value)
     assert exc_info.value.offset is not None
 
-    assert [(h.tid, h.pos, h.end) for h in fsscan.iter_forward(path)] == \
+    assert [(h.tid, h.pos, h.end) for h in filestorage.iter_forward(path)] == \
         kept_refs
 
     for tid in (tids[-1], MAXTID, tids[-4], tids[0] - 1):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="tidstorage.fsscan"):
-            cut = fsscan.find_cut(path, tid)
+        with caplog.at_level(logging.WARNING, logger="tidstorage.formats.filestorage"):
+            cut = filestorage.find_cut(path, tid)
         offset, kept, dropped = expected_cut(kept_refs, tid)
         tail = size - kept_refs[-1][2]
         assert tail > 0
@@ -446,16 +446,16 @@ def test_damaged_tail_falls_back_to_forward_scan(rich, tmp_path, kind, caplog,
         assert any("forward scan" in r.getMessage() for r in caplog.records
                    if r.levelno == logging.WARNING)
 
-    assert fsscan.last_tid(path) == kept_refs[-1][0]
-    assert [h.tid for h in fsscan.tail_transactions(path, tids[-4])] == \
+    assert filestorage.last_tid(path) == kept_refs[-1][0]
+    assert [h.tid for h in filestorage.tail_transactions(path, tids[-4])] == \
         [r[0] for r in kept_refs if r[0] > tids[-4]]
-    assert [h.tid for h in fsscan.tail_transactions(path, limit=3)] == \
+    assert [h.tid for h in filestorage.tail_transactions(path, limit=3)] == \
         [r[0] for r in kept_refs[-3:]]
 
     # after truncation at the cut the file is clean again
-    cut = fsscan.find_cut(path, MAXTID)
-    fsscan.truncate_at(path, cut.offset)
-    assert fsscan.find_cut(path, MAXTID).method == "backward"
+    cut = filestorage.find_cut(path, MAXTID)
+    filestorage.truncate_at(path, cut.offset)
+    assert filestorage.find_cut(path, MAXTID).method == "backward"
     fs = FileStorage(path, read_only=True)
     assert u64(fs.lastTransaction()) == kept_refs[-1][0]
     fs.close()
@@ -465,7 +465,7 @@ def test_crash_during_vote_write_torn_checkpoint(crashed):
     """The 'c' record itself torn (the crash hit while it was written)."""
     path, good_size, tids, refs = crashed
     os.truncate(path, good_size + 3000)
-    cut = fsscan.find_cut(path, MAXTID)
+    cut = filestorage.find_cut(path, MAXTID)
     assert (cut.offset, cut.last_tid, cut.dropped, cut.method) == \
         (good_size, tids[-1], 1, "forward")
 
@@ -488,21 +488,21 @@ def test_mid_file_corruption_is_not_skipped(rich, tmp_path, how):
             f.write(b"?")
     # cuts after the damage never look at it
     for tid in tids[k + 1:]:
-        cut = fsscan.find_cut(path, tid)
+        cut = filestorage.find_cut(path, tid)
         assert (cut.offset, cut.method) == (expected_cut(refs, tid)[0],
                                             "backward")
     # a cut before it cannot be trusted: the forward scan refuses too
     # instead of taking the rest of the file for a damaged tail
     with pytest.raises(ScanError) as exc_info:
-        fsscan.find_cut(path, tids[k - 1])
+        filestorage.find_cut(path, tids[k - 1])
     assert exc_info.value.offset == pos
     with pytest.raises(ScanError):
-        list(fsscan.iter_forward(path))
+        list(filestorage.iter_forward(path))
     with pytest.raises(ScanError):
-        list(fsscan.iter_backward(path))
+        list(filestorage.iter_backward(path))
     with pytest.raises(ScanError):
-        fsscan.tail_transactions(path, since_tid=tids[k - 1])
-    assert [h.tid for h in fsscan.tail_transactions(path, tids[k + 1])] == \
+        filestorage.tail_transactions(path, since_tid=tids[k - 1])
+    assert [h.tid for h in filestorage.tail_transactions(path, tids[k + 1])] == \
         tids[k + 2:]
 
 
@@ -521,7 +521,7 @@ def test_torn_at_every_kind_of_position(rich, tmp_path):
     for size in sorted(cuts, reverse=True):
         os.truncate(path, size)
         complete = [r for r in refs if r[2] <= size]
-        cut = fsscan.find_cut(path, MAXTID)
+        cut = filestorage.find_cut(path, MAXTID)
         assert (cut.offset, cut.last_tid) == \
             (complete[-1][2], complete[-1][0]), size
         assert cut.method == ("backward" if size == complete[-1][2]
@@ -531,7 +531,7 @@ def test_torn_at_every_kind_of_position(rich, tmp_path):
     for n in list(range(1, 80)) + [500, 5000]:
         with open(path, "ab") as f:
             f.write(rnd.randbytes(n))
-        cut = fsscan.find_cut(path, MAXTID)
+        cut = filestorage.find_cut(path, MAXTID)
         assert (cut.offset, cut.last_tid, cut.method) == \
             (refs[-1][2], tids[-1], "forward"), n
         os.truncate(path, refs[-1][2])
@@ -567,11 +567,11 @@ def test_cost_grows_with_transactions_after_the_cut(tmp_path, monkeypatch):
         counted.append(len(data))
         return data
 
-    monkeypatch.setattr(fsscan, "_pread", counting_pread)
+    monkeypatch.setattr(filestorage, "_pread", counting_pread)
 
     def cost(tid):
         counted.clear()
-        cut = fsscan.find_cut(path, tid)
+        cut = filestorage.find_cut(path, tid)
         assert cut.method == "backward"
         return cut, len(counted), sum(counted)
 
@@ -596,7 +596,7 @@ def test_cost_grows_with_transactions_after_the_cut(tmp_path, monkeypatch):
 
 def test_metadata_and_ext_match_zodb(rich, blocks):
     src, tids, refs = rich
-    ours = {h.tid: h for h in fsscan.iter_backward(src)}
+    ours = {h.tid: h for h in filestorage.iter_backward(src)}
     assert sorted(ours) == tids
     it = FileIterator(src)
     try:
@@ -668,7 +668,7 @@ def test_malicious_extension_is_refused_without_running(tmp_path):
     _storage_txn(fs, tids, desc=b"list", ext=pickle.dumps([1], protocol=3))
     fs.close()
 
-    headers = {h.description: h for h in fsscan.tail_transactions(path)}
+    headers = {h.description: h for h in filestorage.tail_transactions(path)}
     for name in evil:
         h = headers[name.encode()]
         with pytest.raises(UnsafeExtensionError) as exc_info:
@@ -692,45 +692,45 @@ def test_malicious_extension_is_refused_without_running(tmp_path):
 
 def test_tail_transactions_and_last_tid(rich, blocks):
     src, tids, refs = rich
-    assert fsscan.last_tid(src) == tids[-1]
-    tail = fsscan.tail_transactions(src)
+    assert filestorage.last_tid(src) == tids[-1]
+    tail = filestorage.tail_transactions(src)
     assert [(h.tid, h.pos, h.end) for h in tail] == refs
     for k in (0, 5, len(tids) - 2, len(tids) - 1):
-        got = fsscan.tail_transactions(src, since_tid=tids[k])
+        got = filestorage.tail_transactions(src, since_tid=tids[k])
         assert [h.tid for h in got] == tids[k + 1:]
-        got = fsscan.tail_transactions(src, since_tid=tids[k] + 1)
+        got = filestorage.tail_transactions(src, since_tid=tids[k] + 1)
         assert [h.tid for h in got] == tids[k + 1:]
-    assert fsscan.tail_transactions(src, since_tid=MAXTID) == []
-    assert [h.tid for h in fsscan.tail_transactions(src, since_tid=0)] == tids
-    assert [h.tid for h in fsscan.tail_transactions(src, limit=4)] == \
+    assert filestorage.tail_transactions(src, since_tid=MAXTID) == []
+    assert [h.tid for h in filestorage.tail_transactions(src, since_tid=0)] == tids
+    assert [h.tid for h in filestorage.tail_transactions(src, limit=4)] == \
         tids[-4:]
-    assert [h.tid for h in fsscan.tail_transactions(
+    assert [h.tid for h in filestorage.tail_transactions(
         src, since_tid=tids[-3], limit=10)] == tids[-2:]
-    assert fsscan.tail_transactions(src, limit=0) == []
+    assert filestorage.tail_transactions(src, limit=0) == []
     with pytest.raises(ValueError):
-        fsscan.tail_transactions(src, limit=-1)
+        filestorage.tail_transactions(src, limit=-1)
 
 
 def test_iterators_agree(rich, blocks):
     src, tids, refs = rich
-    back = list(fsscan.iter_backward(src))
-    fwd = list(fsscan.iter_forward(src))
+    back = list(filestorage.iter_backward(src))
+    fwd = list(filestorage.iter_forward(src))
     assert back[::-1] == fwd
     assert [(h.tid, h.pos, h.end) for h in fwd] == refs
     start = refs[7][1]
-    assert list(fsscan.iter_forward(src, start)) == fwd[7:]
-    assert list(fsscan.iter_forward(src, refs[-1][2])) == []
+    assert list(filestorage.iter_forward(src, start)) == fwd[7:]
+    assert list(filestorage.iter_forward(src, refs[-1][2])) == []
 
 
 def test_empty_storage(tmp_path):
     path = str(tmp_path / "Data.fs")
     FileStorage(path).close()
     assert os.path.getsize(path) == 4
-    assert fsscan.last_tid(path) is None
-    assert fsscan.tail_transactions(path) == []
-    assert list(fsscan.iter_backward(path)) == []
-    assert list(fsscan.iter_forward(path)) == []
-    assert fsscan.find_cut(path, MAXTID) == CutPoint(4, None, 0, "backward",
+    assert filestorage.last_tid(path) is None
+    assert filestorage.tail_transactions(path) == []
+    assert list(filestorage.iter_backward(path)) == []
+    assert list(filestorage.iter_forward(path)) == []
+    assert filestorage.find_cut(path, MAXTID) == CutPoint(4, None, 0, "backward",
                                                      None)
 
 
@@ -739,20 +739,20 @@ def test_fs21_magic_and_bad_files(rich, tmp_path):
     path = copy_data_fs(src, tmp_path)
     with open(path, "r+b") as f:
         f.write(b"FS21")
-    assert fsscan.find_cut(path, tids[4]).offset == refs[4][2]
-    assert fsscan.last_tid(path) == tids[-1]
+    assert filestorage.find_cut(path, tids[4]).offset == refs[4][2]
+    assert filestorage.last_tid(path) == tids[-1]
     with open(path, "r+b") as f:
         f.write(b"XXXX")
     with pytest.raises(ScanError, match="magic"):
-        fsscan.find_cut(path, tids[4])
+        filestorage.find_cut(path, tids[4])
     with pytest.raises(ScanError, match="magic"):
-        list(fsscan.iter_forward(path))
+        list(filestorage.iter_forward(path))
     tiny = tmp_path / "tiny.fs"
     tiny.write_bytes(b"FS")
     with pytest.raises(ScanError, match="too small"):
-        fsscan.last_tid(str(tiny))
+        filestorage.last_tid(str(tiny))
     with pytest.raises(FileNotFoundError):
-        fsscan.find_cut(str(tmp_path / "missing.fs"), 1)
+        filestorage.find_cut(str(tmp_path / "missing.fs"), 1)
 
 
 # ---------------------------------------------------------------------------
@@ -770,26 +770,26 @@ def test_truncate_at_checks_boundaries_and_removes_stale_index(rich,
             f.write(b"leftover")
 
     with pytest.raises(ValueError):
-        fsscan.truncate_at(path, size + 1)
+        filestorage.truncate_at(path, size + 1)
     with pytest.raises(ValueError):
-        fsscan.truncate_at(path, 3)
+        filestorage.truncate_at(path, 3)
     for bad in (refs[5][2] - 1, refs[5][2] + 1, refs[5][1] + 23):
         with pytest.raises(ScanError):
-            fsscan.truncate_at(path, bad)
+            filestorage.truncate_at(path, bad)
     assert os.path.getsize(path) == size
 
-    fsscan.truncate_at(path, size)           # no change: index kept
+    filestorage.truncate_at(path, size)           # no change: index kept
     assert os.path.exists(path + ".index")
 
-    fsscan.truncate_at(path, refs[5][2])
+    filestorage.truncate_at(path, refs[5][2])
     assert os.path.getsize(path) == refs[5][2]
     assert not os.path.exists(path + ".index")
     assert not os.path.exists(path + ".index.index_tmp")
     assert os.path.exists(path + ".lock") and os.path.exists(path + ".tmp")
-    assert fsscan.last_tid(path) == tids[5]
+    assert filestorage.last_tid(path) == tids[5]
 
-    fsscan.truncate_at(path, 4)
-    assert fsscan.last_tid(path) is None
+    filestorage.truncate_at(path, 4)
+    assert filestorage.last_tid(path) is None
     os.remove(path + ".lock")
     fs = FileStorage(path)
     assert fs.lastTransaction() == z64 and fs.getSize() == 4
@@ -800,8 +800,8 @@ def test_commits_after_truncation(rich, tmp_path):
     """A truncated storage is usable: FileStorage appends after the cut."""
     src, tids, refs = rich
     path = copy_data_fs(src, tmp_path, with_index=True)
-    cut = fsscan.find_cut(path, tids[-3])
-    fsscan.truncate_at(path, cut.offset)
+    cut = filestorage.find_cut(path, tids[-3])
+    filestorage.truncate_at(path, cut.offset)
     assert not os.path.exists(path + ".index")
     fs = FileStorage(path)
     db = DB(fs)
@@ -812,8 +812,8 @@ def test_commits_after_truncation(rich, tmp_path):
     db.close()
     fs = FileStorage(path, read_only=True)
     try:
-        assert fsscan.last_tid(path) == u64(fs.lastTransaction())
-        assert fsscan.find_cut(path, tids[-3]).offset == cut.offset
+        assert filestorage.last_tid(path) == u64(fs.lastTransaction())
+        assert filestorage.find_cut(path, tids[-3]).offset == cut.offset
     finally:
         fs.close()
 
@@ -844,10 +844,10 @@ def test_packed_storage(tmp_path, blocks):
 
     os.remove(path + ".index")
     refs = reference_records(path)
-    statuses = [h.status for h in fsscan.iter_forward(path)]
+    statuses = [h.status for h in filestorage.iter_forward(path)]
     assert b"p" in statuses and b" " in statuses
     for tid in candidate_tids([r[0] for r in refs]):
-        cut = fsscan.find_cut(path, tid)
+        cut = filestorage.find_cut(path, tid)
         assert (cut.offset, cut.last_tid, cut.dropped, cut.method) == \
             expected_cut(refs, tid) + ("backward",)
         if tid != MAXTID:

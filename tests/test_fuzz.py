@@ -24,10 +24,10 @@ import socket
 import time
 from typing import Callable
 
-from fsfixtures import run_cli
-from tidstorage import coordinator as co
-from tidstorage import protocol as p
-from tidstorage.processes import DaemonProcess
+from support.fsfixtures import run_cli
+from tidstorage.core import coordinator as co
+from tidstorage.core import protocol as p
+from tidstorage.demo.cluster import DaemonProcess
 
 #: Storage and transaction ids of the well-behaved peers: the fuzzing peers
 #: never produce them (checked), so the model owns these storages.

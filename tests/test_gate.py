@@ -14,8 +14,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidstorage.gate import NONE, Gate
-from tidstorage.stamps import Stamp, largest_coherent_cut
+from tidstorage.core.gate import NONE, Gate
+from tidstorage.core.stamps import Stamp, largest_coherent_cut
 
 
 def stamp(txn: str, *storages: str) -> Stamp:
@@ -141,8 +141,7 @@ def test_the_gate_publishes_the_largest_coherent_point_of_what_it_read(history):
 def test_what_a_split_holds_back_is_bounded(monkeypatch):
     """A split freezes its storage while writers go on: the daemon stops
     reading it beyond a named bound instead of growing for ever."""
-    from tidstorage import coordinator as co
-
+    from tidstorage.core import coordinator as co
     monkeypatch.setattr(co, "MAX_HELD_TIDS", 50)
     c = co.Coordinator({"a": "file", "b": "file"}, {"a": 0, "b": 0}, clock=lambda: 0.0,
                        daemon_id="d")

@@ -13,12 +13,12 @@ import time
 import pytest
 from ZODB.FileStorage import FileStorage
 
-from fsfixtures import Site, digest, raw_commit, read_counters, run_cli, tree_state
-from tidstorage.backup import (IDENTITY_FILE, TIDLOG_IDENTITY_SUFFIX, file_sha256,
+from support.fsfixtures import Site, digest, raw_commit, read_counters, run_cli, tree_state
+from tidstorage.tools.backup import (IDENTITY_FILE, TIDLOG_IDENTITY_SUFFIX, file_sha256,
                                run_backup, tidlog_copies)
 from tidstorage.config import load_config
-from tidstorage.stamps import stamp_value
-from tidstorage.tids import tid_at
+from tidstorage.core.stamps import stamp_value
+from tidstorage.core.tids import tid_at
 
 
 @pytest.fixture(autouse=True)

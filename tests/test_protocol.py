@@ -6,9 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidstorage import protocol as p
-
-
+from tidstorage.core import protocol as p
 def feed_all(data: bytes, chunk: int | None = None) -> list[tuple]:
     d = p.Decoder()
     if chunk is None:
@@ -260,8 +258,8 @@ def test_dump_works_when_the_daemon_is_asked_for_more_ids_than_the_limit(tmp_pat
     import json
     import socket
 
-    from fsfixtures import run_cli
-    from tidstorage.processes import DaemonProcess
+    from support.fsfixtures import run_cli
+    from tidstorage.demo.cluster import DaemonProcess
 
     d = DaemonProcess(tmp_path / "d", verbose=False).start()  # no [storages]: any id
     try:

@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon import DaemonProcess
-from proxy import Proxy
-from servers import ZeoServer
+from tidstorage.demo.cluster import DaemonProcess
+from support.proxy import Proxy
+from tidstorage.demo.cluster import ZeoServer
 from test_storage import records, wait_published
 from test_storage_faults import Sampler, file_stamps, splits_at, wait_for_log
 from ZODB.FileStorage import FileStorage
 
-from tidstorage import fsscan
-from tidstorage.tidlog import read_log
+from tidstorage.formats import filestorage
+from tidstorage.formats.tidlog import read_log
 
-SCRIPTED = str(Path(__file__).with_name("scripted.py"))
+SCRIPTED = str(Path(__file__).parent / "support" / "scripted.py")
 ZEO_STORAGES = ["a1", "a2", "b1"]
 
 
@@ -111,7 +111,7 @@ def zeo_spec(cluster, server: tuple[str, int] | None = None, timeout: float = 0.
 
 
 def zeo_lasts(cluster) -> dict[str, int]:
-    from tidstorage.zeo import ZeoSpec, last_transaction
+    from tidstorage.daemon.zeo import ZeoSpec, last_transaction
 
     return {name: last_transaction(ZeoSpec(address, st))
             for name, (address, st) in cluster.zeo_spec().items()}
@@ -171,7 +171,7 @@ def local_daemon(tmp_path, names=("a", "b"), **server):
 
 
 def file_lasts(files) -> dict[str, int]:
-    return {n: fsscan.last_tid(p) for n, p in files.items()}
+    return {n: filestorage.last_tid(p) for n, p in files.items()}
 
 
 def local_spec(d, files, server=None) -> dict:
@@ -305,8 +305,7 @@ def single_writer_thread(cluster, names, stop: threading.Event):
     """Commit single-storage transactions on ``names`` until ``stop``."""
     import transaction
 
-    from tidstorage import workload
-
+    from tidstorage.demo import workload
     def run():
         dbs = workload.open_databases(cluster.zeo_spec(), cluster.daemon.address)
         tm = transaction.TransactionManager()
@@ -451,7 +450,7 @@ def future_tid_zeo(directory: Path, name: str, seconds: float) -> ZeoServer:
     import transaction as txn_mod
     from ZODB.Connection import TransactionMetaData
 
-    from tidstorage.tids import p64, tid_at
+    from tidstorage.core.tids import p64, tid_at
 
     server = ZeoServer(directory / name, ["1"])
     path = server.data_fs("1")
@@ -544,7 +543,7 @@ def test_a_daemon_restart_between_finishes_on_local_storages(tmp_path, writers):
         samples = [s for _, s in sampler.stop()]
         log = d.log()
         assert "SPLIT" not in log, log[-3000:]
-        fs_records = {n: [(h.tid, h.ext()) for h in fsscan.iter_forward(p)]
+        fs_records = {n: [(h.tid, h.ext()) for h in filestorage.iter_forward(p)]
                       for n, p in files.items()}
         assert splits_at(samples, fs_records) == []
     finally:
@@ -558,7 +557,7 @@ def push_clock(address, storage: str, seconds: float) -> int:
     from ZEO.ClientStorage import ClientStorage
     from ZODB.Connection import TransactionMetaData
 
-    from tidstorage.tids import p64, tid_at, u64
+    from tidstorage.core.tids import p64, tid_at, u64
 
     client = ClientStorage(address, storage=storage, wait_timeout=30)
     try:

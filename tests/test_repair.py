@@ -12,10 +12,9 @@ from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import u64
 
-from fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
-from tidstorage import blobs, fsscan
-
-
+from support.fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
+from tidstorage.formats import blobs
+from tidstorage.formats import filestorage
 @pytest.fixture(autouse=True)
 def _no_fsync_in_zodb(monkeypatch):
     monkeypatch.setattr(sys.modules["ZODB.FileStorage.FileStorage"], "fsync", None)
@@ -37,7 +36,7 @@ def _crash_site(tmp_path, *, publish_t=False, torn=True):
         if publish_t:
             site.publish()
     b = site.data_fs("b")
-    cut = fsscan.find_cut(b, t["b"] - 1)
+    cut = filestorage.find_cut(b, t["b"] - 1)
     size = b.stat().st_size
     with open(b, "r+b") as f:
         f.truncate(size - 10 if torn else cut.offset)
@@ -61,7 +60,7 @@ def test_repair_cuts_at_the_published_tids(tmp_path):
         safety = site.data_fs(s).with_name("Data.fs.before-repair")
         assert digest(safety) == originals[s]
         assert f"storage {s}: safety copy {safety}" in r.stdout
-        assert fsscan.last_tid(site.data_fs(s)) < t[s]
+        assert filestorage.last_tid(site.data_fs(s)) < t[s]
         # T's blob file moved aside, not lost
         assert t[s] not in _blob_tids(site.blob_dir(s))
         assert t[s] in _blob_tids(f"{site.blob_dir(s)}.before-repair")
@@ -90,7 +89,7 @@ def test_a_wrong_log_is_lowered_to_the_largest_coherent_cut(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "'T-crash'" in r.stdout and "missing in b" in r.stdout
     assert "storage a: cut LOWERED" in r.stdout
-    assert fsscan.last_tid(site.data_fs("a")) < t["a"]
+    assert filestorage.last_tid(site.data_fs("a")) < t["a"]
     assert site.data_fs("b").stat().st_size == size_b   # b ends where it should
     assert not site.data_fs("b").with_name("Data.fs.before-repair").exists()
     assert t["b"] not in _blob_tids(site.blob_dir("b"))  # b's orphan blob pruned
@@ -187,8 +186,8 @@ def test_a_repair_killed_between_two_cuts_is_resumed(tmp_path):
     import subprocess
     import time
 
-    from fsfixtures import TIDSTORAGE
-    from tidstorage.restore import PAUSE_AFTER_CUT_ENV, PLAN_SUFFIX
+    from support.fsfixtures import TIDSTORAGE
+    from tidstorage.tools.restore import PAUSE_AFTER_CUT_ENV, PLAN_SUFFIX
 
     site, t = _crash_site(tmp_path)
     originals = {s: digest(site.data_fs(s)) for s in site.ids}
@@ -210,12 +209,12 @@ def test_a_repair_killed_between_two_cuts_is_resumed(tmp_path):
     plans = [site.data_fs(s).with_name("Data.fs" + PLAN_SUFFIX) for s in site.ids]
     assert all(p.exists() for p in plans)
     # half cut: a is cut, b is not
-    assert fsscan.last_tid(site.data_fs("a")) < t["a"]
+    assert filestorage.last_tid(site.data_fs("a")) < t["a"]
     assert digest(site.data_fs("b")) == originals["b"]
 
     # The daemon's TID log moves on meanwhile: the replay must not use it.
     with open(site.tidlog, "ab") as f:
-        from tidstorage import tidlog
+        from tidstorage.formats import tidlog
         f.write(tidlog.encode_record(time.time(), tidlog.KIND_FULL, {"a": t["a"], "b": t["b"]}))
     r = run_cli("repair", "-c", site.config)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -225,7 +224,7 @@ def test_a_repair_killed_between_two_cuts_is_resumed(tmp_path):
     assert "verify: coherent" in r.stdout
     for s in site.ids:
         assert digest(site.data_fs(s).with_name("Data.fs.before-repair")) == originals[s]
-        assert fsscan.last_tid(site.data_fs(s)) < t[s]
+        assert filestorage.last_tid(site.data_fs(s)) < t[s]
         assert t[s] not in _blob_tids(site.blob_dir(s))
     assert not any(p.exists() for p in plans)  # done: the plan is gone
     counts = {s: read_counters(site.data_fs(s), site.blob_dir(s)) for s in site.ids}
@@ -240,8 +239,8 @@ def test_a_plan_is_not_replayed_over_a_file_that_changed(tmp_path):
     import subprocess
     import time
 
-    from fsfixtures import TIDSTORAGE
-    from tidstorage.restore import PAUSE_AFTER_CUT_ENV
+    from support.fsfixtures import TIDSTORAGE
+    from tidstorage.tools.restore import PAUSE_AFTER_CUT_ENV
 
     site, t = _crash_site(tmp_path)
     marker = tmp_path / "paused"

@@ -17,11 +17,12 @@ import sys
 
 import pytest
 
-from fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
-from tidstorage import fsscan, verify
-from tidstorage.backup import format_timestamp, run_backup, timestamp_seconds
+from support.fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
+from tidstorage.formats import filestorage
+from tidstorage.tools import verify
+from tidstorage.tools.backup import format_timestamp, run_backup, timestamp_seconds
 from tidstorage.config import load_config
-from tidstorage.restore import run_restore
+from tidstorage.tools.restore import run_restore
 
 
 @pytest.fixture(autouse=True)
@@ -117,12 +118,12 @@ def test_split_backup_is_restored_coherent(copy, tmp_path):
         assert counts[s]["blobs"] == info["blobs_before_T"][s]
         assert not [p for p, _, tid in fsscan_blob_files(site.blob_dir(s))
                     if tid >= info["T"].get(s, 1 << 64)]
-        assert fsscan.last_tid(site.data_fs(s)) < info["T"][s]
+        assert filestorage.last_tid(site.data_fs(s)) < info["T"][s]
     assert run_cli("verify", "-c", site.config).returncode == 0
 
 
 def fsscan_blob_files(blob_dir):
-    from tidstorage.blobs import blob_files
+    from tidstorage.formats.blobs import blob_files
 
     return list(blob_files(blob_dir))
 
@@ -167,7 +168,7 @@ def test_existing_files_need_force_and_the_stale_index_goes(copy):
     for s in site.ids:
         fs = FileStorage(str(site.data_fs(s)), read_only=True)
         try:  # an index left from the live file would claim its last TID
-            assert u64(fs.lastTransaction()) == fsscan.last_tid(site.data_fs(s))
+            assert u64(fs.lastTransaction()) == filestorage.last_tid(site.data_fs(s))
         finally:
             fs.close()
     assert {s: c["multi"] for s, c in _counters(site).items()} == \
@@ -188,7 +189,7 @@ def test_check_compares_and_touches_nothing(copy):
     assert tree_state(site.root / "var") == before
     assert not list(site.root.glob("var/*/.tidstorage-check-*"))
     # a live file shorter than the backup (cut since): reported, exit 1
-    fsscan.truncate_at(site.data_fs("a"), 4)
+    filestorage.truncate_at(site.data_fs("a"), 4)
     r = run_cli("restore", "-c", site.config, "--check")
     assert r.returncode == 1 and "LONGER than the live file" in r.stdout
     assert not list(site.root.glob("var/*/.tidstorage-check-*"))

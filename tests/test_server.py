@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
-from daemon import DaemonProcess
+from tidstorage.demo.cluster import DaemonProcess
 
-from tidstorage.client import Client, ClientError
-from tidstorage.tidlog import check_log, read_log
+from tidstorage.daemon.client import Client, ClientError
+from tidstorage.formats.tidlog import check_log, read_log
 
 
 @pytest.fixture
@@ -401,8 +401,7 @@ def test_bulk_reports_then_disconnect_are_all_applied_in_order(daemon):
     """A flood (queued and applied in slices) followed at once by a close:
     nothing is lost, order is kept, and DUMP on another connection is served
     meanwhile."""
-    from tidstorage import protocol as p
-
+    from tidstorage.core import protocol as p
     n = 20000
     data = b"".join(
         p.encode_begin(f"b{i}", ["x", "y"]) + p.encode_commit(f"b{i}", {"x": i + 1, "y": 2 * i + 2})
@@ -433,7 +432,7 @@ def test_a_flood_of_refusals_is_logged_once_with_a_count(daemon):
 def test_rate_limited_log_counts_what_it_holds_back(caplog):
     import logging
 
-    from tidstorage.server import LOG_INTERVAL, RateLimitedLog
+    from tidstorage.daemon.server import LOG_INTERVAL, RateLimitedLog
 
     now = [0.0]
     limited = RateLimitedLog(logging.getLogger("t"), clock=lambda: now[0])
@@ -463,8 +462,7 @@ def test_sync_answers_0_after_a_refused_begin(daemon):
 
 
 def test_hello_answers_the_daemons_id_and_binds_the_session(daemon):
-    from tidstorage import protocol as p
-
+    from tidstorage.core import protocol as p
     def hello(secret):
         sock = socket.create_connection(daemon.address, timeout=5)
         sock.sendall(p.encode_hello("s-test", secret, 123, "host") + p.SYNC_REQUEST)

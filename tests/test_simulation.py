@@ -22,11 +22,10 @@ from contextlib import contextmanager
 from unittest import mock
 
 import pytest
-import simulation as sim
+from support import simulation as sim
 
-from tidstorage import coordinator as co
-from tidstorage import gate as gate_mod
-
+from tidstorage.core import coordinator as co
+from tidstorage.core import gate as gate_mod
 #: Seeds run by the suite (``bench/simulate.py`` runs more).
 SEEDS = int(os.environ.get("TIDSTORAGE_SIM_SEEDS", "2000"))
 CHUNK = 50

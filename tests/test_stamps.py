@@ -1,4 +1,4 @@
-"""tidstorage.stamps: stamp parsing, split detection, largest coherent cut."""
+"""tidstorage.core.stamps: stamp parsing, split detection, largest coherent cut."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidstorage.stamps import (
+from tidstorage.core.stamps import (
     MAX_TID,
     Split,
     Stamp,

@@ -17,10 +17,10 @@ from ZEO.ClientStorage import ClientStorage
 from ZODB.FileStorage import FileIterator
 from ZODB.utils import u64
 
-from tidstorage import workload
-from tidstorage.client import Client
-from tidstorage.storage import TIDStorage, legacy_storage_id
-from tidstorage.workload import check_invariant
+from tidstorage.demo import workload
+from tidstorage.daemon.client import Client
+from tidstorage.zodb.storage import TIDStorage, legacy_storage_id
+from tidstorage.demo.workload import check_invariant
 
 STORAGES = ["a1", "a2", "b1"]
 

@@ -28,9 +28,9 @@ import pytest
 import transaction
 import ZODB
 import zope.interface
-from daemon import DaemonProcess
+from tidstorage.demo.cluster import DaemonProcess
 from persistent.mapping import PersistentMapping
-from servers import free_port
+from tidstorage.demo.cluster import free_port
 from test_storage import final_roots, open_connected, records, wait_published
 from transaction.interfaces import IDataManager
 from ZEO.ClientStorage import ClientStorage
@@ -40,11 +40,11 @@ from ZODB.FileStorage import FileIterator
 from ZODB.interfaces import IBlobStorage
 from ZODB.utils import u64
 
-from tidstorage import workload
-from tidstorage.client import Client, ClientError
-from tidstorage.storage import TIDStorage
-from tidstorage.tids import tid_seconds
-from tidstorage.zeo import ZeoSpec, last_transaction
+from tidstorage.demo import workload
+from tidstorage.daemon.client import Client, ClientError
+from tidstorage.zodb.storage import TIDStorage
+from tidstorage.core.tids import tid_seconds
+from tidstorage.daemon.zeo import ZeoSpec, last_transaction
 
 STORAGES = ["a1", "a2", "b1"]
 
@@ -274,7 +274,7 @@ class OwnCluster:
 
     def writer_cmd(self, writer, **kw):
         spec = {k: [v[0][0], v[0][1], v[1]] for k, v in self._zeo.items()}
-        cmd = [sys.executable, "-m", "tidstorage.workload", "--zeo", json.dumps(spec),
+        cmd = [sys.executable, "-m", "tidstorage.demo.workload", "--zeo", json.dumps(spec),
                "--server", f"127.0.0.1:{self.daemon.port}", "--writer", str(writer)]
         for key, value in kw.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]

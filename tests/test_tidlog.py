@@ -1,4 +1,4 @@
-"""Tests of tidstorage.tidlog, on real files in tmp_path."""
+"""Tests of tidstorage.formats.tidlog, on real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tidstorage import tidlog
-from tidstorage.tidlog import (
+from tidstorage.formats import tidlog
+from tidstorage.formats.tidlog import (
     KIND_FULL,
     KIND_INCREMENTAL,
     LogContents,
@@ -695,7 +695,7 @@ def test_writer_keeps_pending_changes_when_a_write_fails(tmp_path, monkeypatch):
 
 
 def test_cli_log_check_torn_tail_is_a_warning(tmp_path):
-    from fsfixtures import run_cli
+    from support.fsfixtures import run_cli
 
     path = tmp_path / "tids.log"
     write_lines(path, encode_record(1.0, KIND_FULL, {"a": 1}), encode_record(2.0, KIND_FULL, {"a": 2})[:-5])
@@ -706,7 +706,7 @@ def test_cli_log_check_torn_tail_is_a_warning(tmp_path):
 
 
 def test_cli_corrupt_middle_line_serve_refuses_then_recover(tmp_path):
-    from fsfixtures import run_cli
+    from support.fsfixtures import run_cli
 
     path = tmp_path / "tids.log"
     lines = _flipped_middle_log(path)

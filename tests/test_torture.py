@@ -4,14 +4,14 @@ between its tpc_finish calls, the daemon killed and restarted, a ZEO server
 restarted, a backup. After each round the latest backup set is restored and
 the live files are repaired in place; both must be coherent (stamps) and keep
 the writers' invariant, and the next round continues on the repaired files.
-The long variant is ``bench/torture.py``; the logic is ``tidstorage.torture``."""
+The long variant is ``bench/torture.py``; the logic is ``tests/support/torture.py``."""
 
 from __future__ import annotations
 
 import json
 import warnings
 
-from tidstorage.torture import run_torture
+from support.torture import run_torture
 
 #: Whether a published point that splits a transaction (the restore/repair
 #: had to lower a cut below the TID log's point; the result is still

@@ -13,7 +13,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tidstorage.tracker import Refused, Tracker
+from tidstorage.core.tracker import Refused, Tracker
 
 
 @pytest.fixture
@@ -540,7 +540,7 @@ class _FixpointTracker(Tracker):
     but plainly the rule of the module doc): the reference below."""
 
     def _publish_below_bounds(self, group):
-        from tidstorage.tracker import NOTHING, _Barrier, _newest
+        from tidstorage.core.tracker import NOTHING, _Barrier, _newest
 
         published = self._published
         cap = self._caps(group)
@@ -607,7 +607,7 @@ def test_new_storage_ids_beyond_the_limit_are_refused():
     """Every id the tracker hears of may end up published, and a DUMP reply
     must fit what clients accept: a BEGIN that would make it track more than
     MAX_STORAGES ids is refused, with the state unchanged."""
-    from tidstorage.protocol import MAX_STORAGES
+    from tidstorage.core.protocol import MAX_STORAGES
 
     t = Tracker({f"old{i}": 1 for i in range(MAX_STORAGES - 3)})
     t.set_bootstrapped()
@@ -636,7 +636,7 @@ def test_new_storage_ids_beyond_the_limit_are_refused():
                           st.integers(1, 5)),
                 max_size=60))
 def test_the_tracker_never_names_more_ids_than_the_limit(ops):
-    import tidstorage.tracker as tracker_module
+    import tidstorage.core.tracker as tracker_module
 
     limit = 5
     saved, tracker_module.MAX_STORAGES = tracker_module.MAX_STORAGES, limit

@@ -9,9 +9,10 @@ import time
 import pytest
 from ZODB.FileStorage import FileStorage
 
-from fsfixtures import Site, raw_commit, run_cli
-from tidstorage import fsscan, verify
-from tidstorage.stamps import stamp_value
+from support.fsfixtures import Site, raw_commit, run_cli
+from tidstorage.formats import filestorage
+from tidstorage.tools import verify
+from tidstorage.core.stamps import stamp_value
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +29,8 @@ def _split_site(tmp_path):
             site.commit(["a"])
         t = site.commit(stamp_id="T-lost")
         site.commit(["a"])
-    cut = fsscan.find_cut(site.data_fs("b"), t["b"] - 1)
-    fsscan.truncate_at(site.data_fs("b"), cut.offset)
+    cut = filestorage.find_cut(site.data_fs("b"), t["b"] - 1)
+    filestorage.truncate_at(site.data_fs("b"), cut.offset)
     return site, t
 
 
@@ -58,7 +59,7 @@ def test_split_reported_and_largest_coherent_cut(tmp_path):
     out = json.loads(r.stdout)
     assert out["coherent"] is False
     assert [sp["id"] for sp in out["splits"]] == ["T-lost"]
-    expected = fsscan.find_cut(site.data_fs("a"), t["a"] - 1)
+    expected = filestorage.find_cut(site.data_fs("a"), t["a"] - 1)
     assert out["coherent_cut"]["a"]["offset"] == expected.offset
     assert out["coherent_cut"]["a"]["dropped"] == 2  # T and the single one after it
     assert out["coherent_cut"]["b"]["offset"] == site.data_fs("b").stat().st_size
@@ -139,7 +140,7 @@ def test_packed_storage_is_not_split(tmp_path):
             site.commit()
         time.sleep(0.01)
         site.dbs["a"].pack()
-    h = fsscan.tail_transactions(site.data_fs("a"))
+    h = filestorage.tail_transactions(site.data_fs("a"))
     assert len(h) < 5 and all(x.status == b"p" for x in h)  # the pack removed some
     report = verify.check({s: site.data_fs(s) for s in "ab"})
     assert report.ok, [verify.describe_split(sp) for sp in report.splits]

@@ -1,4 +1,4 @@
-"""Tests for tests/servers.py (real runzeo processes) and tidstorage.zeo."""
+"""Tests for tests/servers.py (real runzeo processes) and tidstorage.daemon.zeo."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileIterator
 from ZODB.utils import u64, z64
 
-from servers import ZeoServer, ZeoServerError, free_port
-from tidstorage.zeo import (
+from tidstorage.demo.cluster import ZeoServer, ZeoServerError, free_port
+from tidstorage.daemon.zeo import (
     BOOTSTRAP_EXTENSION,
     ZeoSpec,
     ZeoUnavailable,

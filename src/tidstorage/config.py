@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import MAX_STORAGES
+from .core.protocol import MAX_STORAGES
 
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 9001
@@ -318,7 +318,7 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
         if wire_id in storages:
             raise r.fail(f"storages.{name}", f"storage id {wire_id!r} is used twice")
         if "zeo" in values:
-            from .zeo import parse_address  # local: keeps config import light
+            from .daemon.zeo import parse_address  # local: keeps config import light
 
             try:
                 parse_address(values["zeo"])

@@ -39,9 +39,9 @@ import time
 import weakref
 from typing import Iterable, Mapping
 
-from . import protocol as p
-from .client import open_socket
-from .session import ClientSession
+from ..core import protocol as p
+from ..daemon.client import open_socket
+from ..core.session import ClientSession
 
 log = logging.getLogger("tidstorage.reporter")
 

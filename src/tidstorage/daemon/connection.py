@@ -22,8 +22,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import protocol as p
-from .coordinator import Peer
+from ..core import protocol as p
+from ..core.coordinator import Peer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Daemon

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ZODB.utils import p64, u64
 
-from . import fsscan
-from .coordinator import OwnerInfo
-from .stamps import Stamp, stamp_of
+from ..formats import filestorage
+from ..core.coordinator import OwnerInfo
+from ..core.stamps import Stamp, stamp_of
 from .zeo import ZeoSpec, ZeoUnavailable, open_client
 
 log = logging.getLogger("tidstorage.server")
@@ -116,16 +116,16 @@ class FileReader:
             if st.st_size <= 4:
                 self._pos, self._frontier = 4, since
                 return [], False
-            self._pos = 4 if since < 0 else fsscan.find_cut(path, since).offset
+            self._pos = 4 if since < 0 else filestorage.find_cut(path, since).offset
             self._frontier = since
         out: list[tuple[int, Stamp | None]] = []
         try:
-            for header in fsscan.iter_forward(path, self._pos):
+            for header in filestorage.iter_forward(path, self._pos):
                 if not header.finished:
                     break  # voted, not finished: not committed (yet)
                 try:
                     stamp = stamp_from(header.ext())
-                except fsscan.ScanError as exc:
+                except filestorage.ScanError as exc:
                     log.warning("%s: unreadable transaction extension at %d (%s): read as"
                                 " unstamped", path, header.pos, exc.reason)
                     stamp = None
@@ -134,7 +134,7 @@ class FileReader:
                 self._frontier = header.tid
                 if len(out) >= SCAN_BATCH:
                     return out, True
-        except fsscan.ScanError as exc:
+        except filestorage.ScanError as exc:
             if not out:
                 raise OSError(f"{exc} (storage {self.storage_id!r})") from None
         return out, False

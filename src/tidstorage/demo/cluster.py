@@ -335,7 +335,7 @@ class DaemonProcess:
         raise RuntimeError(f"daemon did not listen within {timeout}s:\n{self.log()}")
 
     def client(self, **kw):
-        from .client import Client
+        from ..daemon.client import Client
 
         return Client(self.address, **kw)
 

@@ -66,9 +66,9 @@ from pathlib import Path
 
 import zc.lockfile
 
-from . import blobs
-from .config import Config, ConfigError
-from .tidlog import TidLogError, read_log
+from ..formats import blobs
+from ..config import Config, ConfigError
+from ..formats.tidlog import TidLogError, read_log
 
 __all__ = [
     "ToolError",

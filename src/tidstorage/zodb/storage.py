@@ -46,8 +46,8 @@ import zope.interface
 from ZODB.utils import u64
 
 from .reporter import Reporter, get_reporter
-from .session import ID_PREFIX, CommitFlow, new_coherency_id  # noqa: F401  (ID_PREFIX re-exported)
-from .stamps import STAMP_KEY
+from ..core.session import ID_PREFIX, CommitFlow, new_coherency_id  # noqa: F401  (ID_PREFIX re-exported)
+from ..core.stamps import STAMP_KEY
 
 log = logging.getLogger("tidstorage.storage")
 
@@ -406,13 +406,13 @@ class TIDStorage:
 
 def wrap(base: Any, name: str | None = None, *, server: str | tuple[str, int] = "127.0.0.1:9001",
          auth_token: str | None = None, timeout: float = 1.0) -> TIDStorage:
-    """Python API: ``db = ZODB.DB(tidstorage.storage.wrap(storage, "main"))``.
+    """Python API: ``db = ZODB.DB(tidstorage.wrap(storage, "main"))``.
 
     ``server`` is ``"host:port"`` or a tuple. Without ``name``, a ZEO client
     gets its legacy id (see :func:`legacy_storage_id`).
     """
     if isinstance(server, str):
-        from .client import parse_server
+        from ..daemon.client import parse_server
 
         server = parse_server(server)
     return TIDStorage(base, name, server=server, auth_token=auth_token, timeout=timeout)

@@ -4,9 +4,9 @@ The cut
 -------
 
 Each ``Data.fs`` is cut just after its last transaction whose TID is <= the
-storage's TID in a TID log (:func:`tidstorage.fsscan.find_cut`: a backward
+storage's TID in a TID log (:func:`tidstorage.formats.filestorage.find_cut`: a backward
 walk from the end).  Then the stamps in the files' tails are checked
-(:func:`tidstorage.verify.check`): if the TID log's point splits a
+(:func:`tidstorage.tools.verify.check`): if the TID log's point splits a
 multi-storage transaction (a stale or damaged log), the cut is lowered to the
 largest coherent one, and the output says so -- by at most
 :data:`MAX_CUT_LOWERING` without ``--force-cut``.  After cutting, the files
@@ -18,7 +18,7 @@ Restore
 From the repozo repositories, as of the last backup recorded in
 ``timestamp_file`` (or the last one at or before ``--date``); with the TID
 log copy saved by that backup (or ``-t``).  The repositories and the TID
-log must be this set's (see "Identity" in :mod:`tidstorage.backup`).
+log must be this set's (see "Identity" in :mod:`tidstorage.tools.backup`).
 Everything is checked before anything is written (the recorded backup still
 restorable, repository files listed by repozo's ``.dat`` present
 and of the right size; the checksums are verified by ``repozo -R -w`` while
@@ -60,7 +60,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import blobs, fsscan, verify
+from ..formats import blobs
+
+from ..formats import filestorage
+
+from . import verify
 from .backup import (
     FULL_EXTS,
     Lock,
@@ -76,10 +80,10 @@ from .backup import (
     require,
     tidlog_copies,
 )
-from .config import Config, ConfigError, StorageConfig
-from .fsscan import CutPoint, ScanError
-from .tidlog import read_log
-from .tids import tid_seconds
+from ..config import Config, ConfigError, StorageConfig
+from ..formats.filestorage import CutPoint, ScanError
+from ..formats.tidlog import read_log
+from ..core.tids import tid_seconds
 
 __all__ = [
     "CACHE_NOTE",
@@ -208,13 +212,13 @@ def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
             echo(f"  ... and {len(report.splits) - 20} more")
     out = {}
     for s, path in sorted(paths.items()):
-        log_point = fsscan.find_cut(path, tids[s])
+        log_point = filestorage.find_cut(path, tids[s])
         final = report.coherent[s]
-        point = log_point if final >= tids[s] else fsscan.find_cut(path, max(final, 0))
+        point = log_point if final >= tids[s] else filestorage.find_cut(path, max(final, 0))
         d = CutDecision(s, path, path.stat().st_size, tids[s], final, point, log_point)
         if log_point.warning:
             echo(f"warning: {log_point.warning}")
-        last = fsscan.last_tid(path)
+        last = filestorage.last_tid(path)
         if last is not None and tids[s] > last:
             echo(f"note: storage {s}: the TID log's TID {verify.format_tid(tids[s])} is after "
                  f"the last transaction of {path} ({verify.format_tid(last)})")
@@ -237,7 +241,7 @@ def confirm_cuts(cuts: dict[str, CutDecision], *, window: float,
     still split."""
     for s, d in sorted(cuts.items()):
         size = d.path.stat().st_size
-        last = fsscan.last_tid(d.path)
+        last = filestorage.last_tid(d.path)
         if size != d.point.offset or last != d.point.last_tid:
             raise ToolError(f"storage {s}: {d.path} is {size} bytes ending with "
                             f"{verify.format_tid(last)} after cutting, expected "
@@ -683,7 +687,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     """Restore every storage (see the module docstring).
 
     The repositories and the TID log must be this set's (see "Identity" in
-    :mod:`tidstorage.backup`); a cut lowered by more than
+    :mod:`tidstorage.tools.backup`); a cut lowered by more than
     :data:`MAX_CUT_LOWERING` needs ``force_cut``; an existing file (or blob
     directory) is replaced only with ``force``, after it was kept as
     ``<file>.before-restore`` (a hard link: the same bytes).
@@ -776,7 +780,7 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
                 echo(_describe_cut(d, plans[s].target))
                 plans[s].cut = d
                 if d.changes:
-                    fsscan.truncate_at(d.path, d.point.offset)
+                    filestorage.truncate_at(d.path, d.point.offset)
             confirm_cuts(cuts, window=window, echo=echo)
             result.coherent = True
         else:
@@ -786,7 +790,7 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
         for s, r in plans.items():
             r.size = r.tmp.stat().st_size
             if r.blob_tmp is not None and r.blob_tmp.exists():
-                last = r.cut.point.last_tid if r.cut else fsscan.last_tid(r.tmp)
+                last = r.cut.point.last_tid if r.cut else filestorage.last_tid(r.tmp)
                 pruned = blobs.prune(r.blob_tmp, last)
                 r.pruned_blobs = len(pruned.files)
                 if pruned.files:
@@ -985,7 +989,7 @@ def _make_plan(storages, tids, tidlog: Path, window: float, force_cut: bool, ech
                 f"storage {s}: a safety copy from an earlier repair exists: {safety}. "
                 "It is never overwritten: check that storage (and keep the copy if in "
                 "doubt, elsewhere), then delete or move it away, and run repair again")
-        entry = {"cut": _cut_to_json(d), "last_tid": fsscan.last_tid(d.path),
+        entry = {"cut": _cut_to_json(d), "last_tid": filestorage.last_tid(d.path),
                  "safety": str(safety), "blob_dir": None, "blobs_to": None}
         blob_dir = storages[s].blob_dir
         if blob_dir is not None:
@@ -1022,9 +1026,9 @@ def _execute_plan(plan: dict, plan_files: list[Path], echo: Echo, result: Repair
         if not d.changes:
             continue
         size = d.path.stat().st_size
-        if size == d.size and fsscan.last_tid(d.path) == e["last_tid"]:
+        if size == d.size and filestorage.last_tid(d.path) == e["last_tid"]:
             todo.append(s)
-        elif size == d.point.offset and fsscan.last_tid(d.path) == d.point.last_tid:
+        elif size == d.point.offset and filestorage.last_tid(d.path) == d.point.last_tid:
             echo(f"storage {s}: {d.path} already cut to {size} bytes")
             safety = Path(e["safety"])
             if safety.exists():
@@ -1070,7 +1074,7 @@ def _execute_plan(plan: dict, plan_files: list[Path], echo: Echo, result: Repair
         result.safety_copies[s] = safety
     for s in todo:
         d = cuts[s]
-        fsscan.truncate_at(d.path, d.point.offset)
+        filestorage.truncate_at(d.path, d.point.offset)
         echo(f"storage {s}: {d.path} cut to {d.point.offset} bytes")
         _pause_after_cut(s)
     for s, e in entries:

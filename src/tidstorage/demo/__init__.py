@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .backup import id_filename
-from .processes import DaemonProcess, ZeoServer
+from ..tools.backup import id_filename
+from .cluster import DaemonProcess, ZeoServer
 
 STORAGES = {"main": ("a", "1"), "catalog": ("a", "2"), "archive": ("b", "1")}
 #: A file marking a directory made by the demo (a new run may wipe it).
@@ -100,7 +100,7 @@ class Cluster:
                      pause: float = 0.0, timeout: float = 1.0,
                      seed: int | None = None) -> subprocess.Popen:
         cmd = [
-            sys.executable, "-m", "tidstorage.workload",
+            sys.executable, "-m", "tidstorage.demo.workload",
             "--zeo", json.dumps(self.zeo_spec()),
             "--server", f"127.0.0.1:{self.daemon.port}",
             "--writer", str(writer), "--seconds", str(seconds), "--pause", str(pause),
@@ -164,7 +164,7 @@ class Outcome:
 
 
 def _judge(outcome: Outcome, what: str, paths: dict[str, Path]) -> None:
-    from . import verify
+    from ..tools import verify
     from .workload import check_invariant
 
     report = verify.check(paths)
@@ -176,7 +176,7 @@ def _judge(outcome: Outcome, what: str, paths: dict[str, Path]) -> None:
 
 
 def _describe_cuts(outcome: Outcome, cuts: dict, what: str) -> int:
-    from .tids import tid_time
+    from ..core.tids import tid_time
 
     total = 0
     for sid, cut in sorted(cuts.items()):
@@ -190,9 +190,9 @@ def _describe_cuts(outcome: Outcome, cuts: dict, what: str) -> int:
 
 def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None] = print) -> bool:
     """Run the demo; True when everything verified."""
-    from .backup import run_backup
-    from .config import load_config
-    from .restore import run_repair, run_restore
+    from ..tools.backup import run_backup
+    from ..config import load_config
+    from ..tools.restore import run_repair, run_restore
 
     directory = directory.resolve()
     marker = directory / MARKER
@@ -263,8 +263,7 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
         cluster.daemon.stop()
         cluster.stop_servers()
         live = {sid: s.data_fs for sid, s in config.storages.items()}
-        from . import verify
-
+        from ..tools import verify
         before = verify.check(live)
         outcome.say(f"  live files after the crash: {len(before.splits)} split transaction(s)")
         outcome.check(len(before.splits) >= 1, "the killed writer left no split in the live files")

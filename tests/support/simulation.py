@@ -9,8 +9,8 @@ schedules: one seeded random generator drives, in virtual time,
   one owning process, an unfinished ``c`` record visible to readers, a lock
   file naming the owner), each with its own clock offset;
 * application processes running the real client code (``session.py``:
-  :class:`~tidstorage.session.ClientSession` and
-  :class:`~tidstorage.session.CommitFlow`), with the storage wrapper's
+  :class:`~tidstorage.core.session.ClientSession` and
+  :class:`~tidstorage.core.session.CommitFlow`), with the storage wrapper's
   sequence of calls (seal, BEGIN2 + SYNC, votes, confirmation with its
   timeout, finishes, reports, batching);
 * the real daemon core (``coordinator.py`` with the tracker and the gate)
@@ -40,11 +40,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from tidstorage import coordinator as co
-from tidstorage import protocol as p
-from tidstorage.session import ClientSession, CommitFlow
-from tidstorage.stamps import STAMP_KEY, Stamp, largest_coherent_cut, stamp_of
-from tidstorage.tids import MAX_TID
+from tidstorage.core import coordinator as co
+from tidstorage.core import protocol as p
+from tidstorage.core.session import ClientSession, CommitFlow
+from tidstorage.core.stamps import STAMP_KEY, Stamp, largest_coherent_cut, stamp_of
+from tidstorage.core.tids import MAX_TID
 
 US = 1_000_000  # TIDs are microseconds of (per-storage) clock time here
 

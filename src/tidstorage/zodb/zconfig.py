@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ZODB.config import BaseConfig
 
-from .config import read_token
+from ..config import read_token
 from .storage import wrap
 
 

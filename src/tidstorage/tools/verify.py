@@ -1,7 +1,7 @@
 """Checking that a set of ``Data.fs`` files holds no split transaction.
 
-Reads the coherency stamps (see :mod:`tidstorage.stamps`) from the *tails*
-of the files, walking backward with :func:`tidstorage.fsscan.iter_backward`,
+Reads the coherency stamps (see :mod:`tidstorage.core.stamps`) from the *tails*
+of the files, walking backward with :func:`tidstorage.formats.filestorage.iter_backward`,
 so that the cost grows with the window read, not with the file size.
 
 The window
@@ -41,10 +41,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
-from . import fsscan
-from .fsscan import ScanError
-from .stamps import MAX_TID, STAMP_KEY, Split, Stamp, find_splits, largest_coherent_cut, stamp_of
-from .tids import shift_tid, tid_at, tid_time  # noqa: F401 (re-exported)
+from ..formats import filestorage
+from ..formats.filestorage import ScanError
+from ..core.stamps import MAX_TID, STAMP_KEY, Split, Stamp, find_splits, largest_coherent_cut, stamp_of
+from ..core.tids import shift_tid, tid_at, tid_time  # noqa: F401 (re-exported)
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -66,7 +66,7 @@ DEFAULT_WINDOW = 3600.0
 _STAMP_KEY_BYTES = STAMP_KEY.encode("ascii")
 
 
-def _stamp(h: fsscan.TxnHeader) -> Stamp | None:
+def _stamp(h: filestorage.TxnHeader) -> Stamp | None:
     if _STAMP_KEY_BYTES not in h.extension:
         return None  # cheap test: most transactions carry no stamp
     try:
@@ -81,7 +81,7 @@ class TailScan:
 
     :meth:`extend_to` reads further back on demand.  If the backward walk
     meets damage, the whole file is read forward instead (once), as
-    :func:`fsscan.find_cut` does, and :attr:`warning` says so.
+    :func:`filestorage.find_cut` does, and :attr:`warning` says so.
     """
 
     def __init__(self, storage_id: str, path) -> None:
@@ -93,7 +93,7 @@ class TailScan:
         #: TID of the oldest unpacked transaction newer than the newest one
         #: marked "p" by a pack (None: no packed transaction seen)
         self.packed: int | None = None
-        self._it = fsscan.iter_backward(self.path)
+        self._it = filestorage.iter_backward(self.path)
         self._newer: int | None = None  # tid of the last item added
 
     @property
@@ -110,7 +110,7 @@ class TailScan:
     def __len__(self) -> int:
         return len(self.items)
 
-    def _add(self, h: fsscan.TxnHeader) -> None:
+    def _add(self, h: filestorage.TxnHeader) -> None:
         if not h.finished:
             return  # an unfinished trailing record: not a transaction
         if h.status == b"p" and self.packed is None:
@@ -138,7 +138,7 @@ class TailScan:
         self.items.clear()
         self.packed = None
         self._newer = None
-        headers = [h for h in fsscan.iter_forward(self.path) if h.finished]
+        headers = [h for h in filestorage.iter_forward(self.path) if h.finished]
         for h in reversed(headers):
             self._add(h)
         self.exhausted = True
@@ -239,7 +239,7 @@ def check(paths: Mapping[str, os.PathLike | str], cut: Mapping[str, int] | None 
     ``Data.fs``), under ``cut`` (storage id -> TID; None: the files as they
     are).  With ``compute``, also the largest coherent cut ``<= cut``.
 
-    Raises :class:`fsscan.ScanError` for a file that cannot be read as a
+    Raises :class:`filestorage.ScanError` for a file that cannot be read as a
     FileStorage (damage before its tail), ``OSError`` for a missing file.
     """
     if window <= 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -52,9 +52,9 @@ class _Errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             return False
-        from .backup import ToolError
-        from .fsscan import ScanError
-        from .tidlog import TidLogError
+        from ..tools.backup import ToolError
+        from ..formats.filestorage import ScanError
+        from ..formats.tidlog import TidLogError
 
         if isinstance(exc, ConfigError):
             _fail(f"configuration error: {exc}", EXIT_USAGE)
@@ -110,7 +110,7 @@ def backup(config_path, full, gzip, quick, jobs, as_json):
     The backup's timestamp is appended to backup.timestamp_file only if every
     storage succeeded.
     """
-    from .backup import run_backup
+    from ..tools.backup import run_backup
 
     config = _load(config_path)
     progress = None
@@ -172,8 +172,8 @@ def backup(config_path, full, gzip, quick, jobs, as_json):
 def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
             force_cut):
     """Restore every storage from its backups, cut coherently."""
-    from .backup import parse_date
-    from .restore import CACHE_NOTE, run_restore
+    from ..tools.backup import parse_date
+    from ..tools.restore import CACHE_NOTE, run_restore
 
     if date is not None:
         try:
@@ -218,7 +218,7 @@ def repair(config_path, tidlog, window, force_cut):
     is recorded first (Data.fs.repair-plan): an interrupted repair is
     resumed by running it again.
     """
-    from .restore import CACHE_NOTE, run_repair
+    from ..tools.restore import CACHE_NOTE, run_repair
 
     config = _load(config_path)
     with _Errors():
@@ -237,7 +237,7 @@ def repair(config_path, tidlog, window, force_cut):
 
 
 def _parse_files(specs) -> dict[str, Path]:
-    from .backup import id_from_filename
+    from ..tools.backup import id_from_filename
 
     out = {}
     for spec in specs:
@@ -271,9 +271,9 @@ def verify(config_path, files, tidlog, compute, as_json, window):
 
     Exit 1 if a transaction is split (without --compute), 0 if coherent.
     """
-    from . import verify as v
-    from .fsscan import find_cut
-    from .restore import _read_tids
+    from ..tools import verify as v
+    from ..formats.filestorage import find_cut
+    from ..tools.restore import _read_tids
 
     if files:
         paths = _parse_files(files)
@@ -348,7 +348,7 @@ def verify(config_path, files, tidlog, compute, as_json, window):
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
 def cleanup(config_path, keep, dry_run):
     """Delete what the newest recorded backups do not need; prune timestamp_file."""
-    from .cleanup import run_cleanup
+    from ..tools.cleanup import run_cleanup
 
     config = _load(config_path)
     with _Errors():
@@ -373,7 +373,7 @@ def adopt(config_path, tidlogs, force, dry_run):
     the legacy tool) are refused by backup, restore and cleanup until
     adopted. Refuses what already belongs to another set or storage.
     """
-    from .backup import adopt as run_adopt
+    from ..tools.backup import adopt as run_adopt
 
     config = _load(config_path)
     with _Errors():

@@ -28,8 +28,8 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import p64, u64, z64
 
-from tidstorage import tidlog
-from tidstorage.stamps import stamp_value
+from tidstorage.formats import tidlog
+from tidstorage.core.stamps import stamp_value
 
 PYTHON = sys.executable
 TIDSTORAGE = [PYTHON, "-m", "tidstorage"]

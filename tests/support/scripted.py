@@ -37,7 +37,7 @@ import ZODB.config
 from persistent.mapping import PersistentMapping
 from ZODB.utils import u64
 
-from tidstorage.storage import wrap
+from tidstorage.zodb.storage import wrap
 
 
 def open_all(spec: dict) -> dict[str, ZODB.DB]:
@@ -47,7 +47,7 @@ def open_all(spec: dict) -> dict[str, ZODB.DB]:
     from ZEO.ClientStorage import ClientStorage
     from ZODB.FileStorage import FileStorage
 
-    from tidstorage.client import parse_server
+    from tidstorage.daemon.client import parse_server
 
     server = parse_server(spec["server"])
     bases = {name: ClientStorage((h, int(p)), storage=st, wait_timeout=30)

@@ -1,7 +1,7 @@
 """Coherency stamps: finding multi-storage transactions that are split.
 
 Pure logic, no I/O: used by ``verify``, ``restore`` and ``repair`` (on
-transaction headers read from ``Data.fs`` tails by :mod:`tidstorage.fsscan`)
+transaction headers read from ``Data.fs`` tails by :mod:`tidstorage.formats.filestorage`)
 and by the daemon (on extensions read through ZEO).
 
 The stamp

@@ -6,7 +6,7 @@ happens to hold: a failed ``backup --full`` leaves a new full backup in some
 repositories, and the recorded backups still need the older one.
 
 * A recorded backup is **restorable** when every file it needs is there (see
-  :func:`tidstorage.restore.backup_problems`: each storage's repozo chain as
+  :func:`tidstorage.tools.restore.backup_problems`: each storage's repozo chain as
   of it, checked against its ``.dat``, its blob snapshot, its TID log copy).
 * It is **full** when every storage's chain starts after the previous
   restorable recorded backup (``backup --full``, or repozo's own full).
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import blobs
+from ..formats import blobs
 from .backup import (
     BACKUP_LOCK,
     FULL_EXTS,
@@ -54,7 +54,7 @@ from .backup import (
     tidlog_copies,
     tidlog_identity_path,
 )
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 __all__ = ["CleanupPlan", "plan_cleanup", "run_cleanup"]
 

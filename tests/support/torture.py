@@ -3,7 +3,7 @@
 Shared by ``tests/test_torture.py`` (a short run) and ``bench/torture.py``
 (a long, parameterised one). It reuses the demo's :class:`~tidstorage.demo.Cluster`:
 two ``runzeo`` servers with three storages, the real daemon, and writer
-processes (``tidstorage.workload``) committing over random subsets of the
+processes (``tidstorage.demo.workload``) committing over random subsets of the
 storages while keeping a cross-storage invariant.
 
 A *round*:
@@ -66,8 +66,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .backup import id_filename
-from .demo import STORAGES, Cluster, read_roots
+from tidstorage.tools.backup import id_filename
+from tidstorage.demo import STORAGES, Cluster, read_roots
 
 __all__ = ["KINDS", "TortureReport", "Torture", "run_torture"]
 
@@ -225,7 +225,7 @@ class Torture:
         return self.report
 
     def _open_cluster(self, r: int) -> None:
-        from .config import load_config
+        from tidstorage.config import load_config
 
         if self.cluster is None or self.fresh:
             if self.cluster is not None:
@@ -282,8 +282,8 @@ class Torture:
 
     def _wait_writers_ready(self, writers: dict, since: float, timeout: float = 60) -> None:
         """Until every writer has committed once (its notes in the files' tails)."""
-        from . import fsscan
-        from .tids import tid_at
+        from tidstorage.formats import filestorage
+        from tidstorage.core.tids import tid_at
 
         since_tid = tid_at(since - 1)
         waiting = set(writers)
@@ -294,7 +294,7 @@ class Torture:
                     waiting.discard(w)  # judged at the end of the round
             for path in self.live_paths().values():
                 try:
-                    tail = fsscan.tail_transactions(path, since_tid)
+                    tail = filestorage.tail_transactions(path, since_tid)
                 except Exception:  # a record being written: look again
                     continue
                 for h in tail:
@@ -362,7 +362,7 @@ class Torture:
             state.zeo_restarts += 1
             state.log(f"ZEO server {name} restarted ({time.monotonic() - t:.1f} s)")
         elif kind == "backup":
-            from .backup import ToolError, run_backup
+            from tidstorage.tools.backup import ToolError, run_backup
 
             full = rng.random() < 0.3
             try:
@@ -426,8 +426,8 @@ class Torture:
 
     def _settle(self, state: "_RoundState") -> None:
         """Daemon up and bootstrapped; every split in the files reported by it."""
-        from . import fsscan, verify
-
+        from tidstorage.formats import filestorage
+        from tidstorage.tools import verify
         daemon = self.cluster.daemon
         if daemon.proc is None:
             self._start_daemon()
@@ -436,7 +436,7 @@ class Torture:
         while True:
             try:
                 report = verify.check(self.live_paths())
-            except fsscan.ScanError:  # a record being written (the daemon's no-op)
+            except filestorage.ScanError:  # a record being written (the daemon's no-op)
                 time.sleep(0.2)
                 continue
             splits = {s.id for s in report.splits}
@@ -459,11 +459,10 @@ class Torture:
 
     def _split_cause(self, split) -> str:
         """Who wrote a split transaction: its note in a storage that kept it."""
-        from . import fsscan
-
+        from tidstorage.formats import filestorage
         storage, tid = sorted(split.present.items())[0]
         text = ""
-        for h in fsscan.iter_backward(self.live_paths()[storage]):
+        for h in filestorage.iter_backward(self.live_paths()[storage]):
             if h.tid == tid:
                 text = h.description.decode("utf-8", "replace")
                 break
@@ -480,8 +479,8 @@ class Torture:
         return f"unknown ({text[:40]!r})"
 
     def _stop_and_judge(self, state: "_RoundState") -> None:
-        from .restore import run_repair, run_restore
-        from .tidlog import read_log
+        from tidstorage.tools.restore import run_repair, run_restore
+        from tidstorage.formats.tidlog import read_log
 
         r = state.round
         cluster, config = self.cluster, self.config
@@ -562,8 +561,8 @@ class Torture:
             self.say(f"PUBLISHED POINT INCOHERENT: {text}")
 
     def _judge(self, what: str, paths: dict[str, Path], coherent: bool | None) -> bool:
-        from . import verify
-        from .workload import check_invariant
+        from tidstorage.tools import verify
+        from tidstorage.demo.workload import check_invariant
 
         problems = []
         if coherent is False:

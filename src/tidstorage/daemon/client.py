@@ -1,6 +1,6 @@
 """A small blocking client of the daemon (CLI, tools, tests).
 
-Speaks the protocol of :mod:`tidstorage.protocol`. One socket, reads of up
+Speaks the protocol of :mod:`tidstorage.core.protocol`. One socket, reads of up
 to :data:`RECV_BYTES`, replies parsed by :class:`~.protocol.ReplyReader`.
 Not thread-safe: use one per thread, or a lock.
 """
@@ -11,8 +11,7 @@ import socket
 import ssl
 from typing import Iterable, Mapping
 
-from . import protocol as p
-
+from ..core import protocol as p
 RECV_BYTES = 64 * 1024
 DEFAULT_TIMEOUT = 5.0
 

@@ -11,7 +11,7 @@ any coherent set of files, for every writer and every pair of storages::
 and a cut that splits a transaction breaks it. Writers own their keys, so
 they never conflict with each other.
 
-Run as ``python -m tidstorage.workload --config FILE --writer N ...`` (see
+Run as ``python -m tidstorage.demo.workload --config FILE --writer N ...`` (see
 ``main``); ``--kill-after-first-finish K`` makes the process SIGKILL itself
 between the ``tpc_finish`` calls of its K-th multi-storage transaction
 (fault injection for the crash tests; it wraps the base storage of this
@@ -34,7 +34,7 @@ import ZODB
 from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError
 
-from .storage import TIDStorage
+from ..zodb.storage import TIDStorage
 
 
 def open_databases(
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after-first-finish", type=int, default=None)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between transactions")
     args = parser.parse_args(argv)
-    from .client import parse_server
+    from ..daemon.client import parse_server
 
     spec = json.loads(args.zeo)
     zeo = {k: ((v[0], int(v[1])), str(v[2])) for k, v in spec.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config
 
 log = logging.getLogger("tidstorage")
 
@@ -104,8 +104,8 @@ def serve(config_path, address, port, status_file, verbose) -> None:
     """
     config = _load(config_path)
     handler = _setup_logging(config.server.log_file, verbose)
-    from .config import check_daemon, resolve_parent
-    from .server import Daemon
+    from ..config import check_daemon, resolve_parent
+    from ..daemon.server import Daemon
 
     try:
         for warning in check_daemon(config, address):
@@ -157,7 +157,7 @@ async def _serve(daemon, handler: logging.Handler) -> None:
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
 def dump(config_path, server, as_json, timeout) -> None:
     """Print the TIDs the daemon has published."""
-    from .client import ClientError, parse_server
+    from ..daemon.client import ClientError, parse_server
 
     config = _load(config_path)
     if server:
@@ -183,7 +183,7 @@ def dump(config_path, server, as_json, timeout) -> None:
 def _client(config: Config, address: tuple[str, int], timeout: float, own: bool = True):
     """A connected client of the daemon (its token; its TLS certificate as
     the trust anchor, for self-signed setups, when it is the config's daemon)."""
-    from .client import Client
+    from ..daemon.client import Client
 
     try:
         token = config.auth_token()
@@ -211,7 +211,7 @@ def admin() -> None:
 
 
 def _admin_request(config_path: str, request: dict, yes: bool, what: str) -> None:
-    from .client import ClientError
+    from ..daemon.client import ClientError
 
     config = _load(config_path)
     if not yes:
@@ -262,7 +262,7 @@ def _print_tids(tids: dict[str, int], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .tids import tid_age, tid_time
+    from ..core.tids import tid_age, tid_time
 
     table = Table(title=title)
     for name in ("storage", "TID", "hex", "time (UTC)", "age"):
@@ -285,7 +285,7 @@ def _print_tids(tids: dict[str, int], title: str) -> None:
 def demo(directory: Path, seconds: float) -> None:
     """Show it all live: ZEO servers, daemon, writers, backups, a crash,
     restore, repair, verify. Exit 0 only if every result is coherent."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("ZEO", "ZODB", "txn", "tidstorage.reporter"):
@@ -313,7 +313,7 @@ def log_check(file: Path, as_json: bool) -> None:
 
     A torn last line (left by a crash while appending) is a warning only.
     """
-    from .tidlog import check_log
+    from ..formats.tidlog import check_log
 
     report = check_log(file)
     for lineno, message in report.warnings:
@@ -334,7 +334,7 @@ def log_check(file: Path, as_json: bool) -> None:
               help="Write here (default: replace FILE atomically).")
 def log_full(file: Path, output: Path | None) -> None:
     """Rewrite a TID log as full records only."""
-    from .tidlog import TidLogError, rewrite_full
+    from ..formats.tidlog import TidLogError, rewrite_full
 
     try:
         count = rewrite_full(file, output or file)
@@ -354,7 +354,7 @@ def log_recover(file: Path, output: Path | None) -> None:
     Stop the daemon first. The prefix is a state the daemon published (an
     older one): the daemon starts again from it.
     """
-    from .tidlog import recover_log
+    from ..formats.tidlog import recover_log
 
     try:
         res = recover_log(file, output)
@@ -372,7 +372,7 @@ def log_recover(file: Path, output: Path | None) -> None:
 
 # -- operator tools (backup, restore, repair, verify, cleanup) ---------------
 
-from .cli_tools import register_tools  # noqa: E402
+from .tools import register_tools  # noqa: E402
 
 register_tools(main)
 

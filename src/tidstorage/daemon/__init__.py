@@ -1,0 +1,1 @@
+"""The coherency daemon: asyncio shell, connections, storage readers, ZEO helpers, its client."""

@@ -1,0 +1,1 @@
+"""File formats: FileStorage scanning and cuts, the TID log, blob directories."""

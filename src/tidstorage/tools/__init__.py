@@ -1,0 +1,1 @@
+"""The operator tools: backup, restore, repair, verify, cleanup."""

@@ -1,0 +1,1 @@
+"""The ZODB integration: the storage wrapper, the reporter, ZConfig."""
