@@ -89,8 +89,8 @@ import transaction  # noqa: E402
 import ZODB  # noqa: E402
 from persistent.mapping import PersistentMapping  # noqa: E402
 
-from servers import ZeoServer, free_port, wait_for_port  # noqa: E402
-from tidstorage import workload  # noqa: E402
+from tidstorage.demo.cluster import ZeoServer, free_port, wait_for_port  # noqa: E402
+from tidstorage.demo import workload  # noqa: E402
 from tidstorage.demo.cluster import DaemonProcess  # noqa: E402
 from tidstorage.zodb.reporter import Reporter  # noqa: E402
 from tidstorage.zodb.storage import TIDStorage  # noqa: E402

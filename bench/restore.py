@@ -45,9 +45,9 @@ sys.path.insert(0, str(HERE))
 import cut_point  # noqa: E402  (the record-mix generator)
 from ZODB.Connection import TransactionMetaData  # noqa: E402
 from ZODB.FileStorage import FileStorage  # noqa: E402
-from ZODB.utils import p64, u64, z64  # noqa: E402
+from ZODB.utils import u64, z64  # noqa: E402
 
-from tidstorage import fsscan, tidlog  # noqa: E402
+from tidstorage.formats import tidlog  # noqa: E402
 from tidstorage.tools.backup import repozo_argv  # noqa: E402
 from tidstorage.core.stamps import stamp_value  # noqa: E402
 

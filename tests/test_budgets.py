@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from tidstorage.demo.cluster import DaemonProcess
 
 from tidstorage.daemon import connection as connection_mod

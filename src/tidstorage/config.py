@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.protocol import MAX_STORAGES
+from .errors import ConfigError
 
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 9001
@@ -75,10 +76,6 @@ MIN_TOKEN_LENGTH = 16
 #: Permission bits a secret file must not have: any access by its group or
 #: by others (OpenSSH's rule for private keys).
 SECRET_MODE_BITS = 0o077
-
-
-class ConfigError(Exception):
-    """A configuration problem; the message names the file and key."""
 
 
 @dataclass(frozen=True)

@@ -1123,7 +1123,7 @@ def _run(world: World) -> None:
     # Faults stop. Writers go on a little, then stop; the daemon must catch up.
     world.faults_on = False
     world.log("FAULTS STOP")
-    for link in {p.link for p in world.processes if p.link is not None}:
+    for link in {proc.link for proc in world.processes if proc.link is not None}:
         link.held_until = min(link.held_until, world.now)
     if not world.daemon.up:
         world.daemon.start()

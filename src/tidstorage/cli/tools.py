@@ -1,5 +1,5 @@
 """The operator commands: ``backup``, ``restore``, ``repair``, ``verify``,
-``cleanup`` (registered on the ``tidstorage`` group by :func:`register_tools`).
+``cleanup`` (registered on the ``tidstorage`` group by :func:`register`).
 
 Exit codes: 0 success, 1 operational failure (the message names the storage
 and/or file), 2 bad configuration or usage.
@@ -13,13 +13,12 @@ from pathlib import Path
 
 import click
 
-from ..config import Config, ConfigError, load_config
+from .common import CONFIG as _CONFIG
+from .common import CONFIG_OPTIONAL, EXIT_FAILURE, EXIT_USAGE
+from .common import errors as _Errors
+from .common import fail as _fail
+from .common import load as _load
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-_CONFIG = click.option("-c", "--config", "config_path", required=True,
-                       type=click.Path(dir_okay=False), help="TOML config file.")
 _WINDOW = click.option("--window", type=click.FloatRange(min=1.0), default=3600.0,
                        show_default=True,
                        help="Seconds of TID time read before each storage's cut.")
@@ -30,42 +29,6 @@ _FORCE_CUT = click.option("--force-cut", is_flag=True,
                                "swapped repository or TID log).")
 
 
-def _fail(message: str, code: int = EXIT_FAILURE):
-    for line in str(message).splitlines() or [""]:
-        click.echo(f"tidstorage: {line}", err=True)
-    sys.exit(code)
-
-
-def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        _fail(f"configuration error: {exc}", EXIT_USAGE)
-
-
-class _Errors:
-    """Turn the tools' exceptions into messages and exit codes."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None:
-            return False
-        from ..tools.backup import ToolError
-        from ..formats.filestorage import ScanError
-        from ..formats.tidlog import TidLogError
-
-        if isinstance(exc, ConfigError):
-            _fail(f"configuration error: {exc}", EXIT_USAGE)
-        if isinstance(exc, (ToolError, ScanError, TidLogError)):
-            _fail(str(exc))
-        if isinstance(exc, OSError):
-            where = f": {exc.filename}" if exc.filename else ""
-            _fail(f"{exc.strerror or exc}{where}")
-        return False
-
-
 # -- backup ----------------------------------------------------------------
 
 
@@ -74,8 +37,7 @@ class _BackupProgress:
 
     def __init__(self, ids):
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -256,8 +218,7 @@ def _parse_files(specs) -> dict[str, Path]:
 
 
 @click.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML config file (its storages' data_fs).")
+@CONFIG_OPTIONAL
 @click.option("--files", "files", multiple=True, metavar="[ID=]PATH",
               help="Check these files instead (repeatable; ID defaults to the file name "
                    "without .fs, %XX unquoted, as restore --output-dir names them).")
@@ -271,8 +232,8 @@ def verify(config_path, files, tidlog, compute, as_json, window):
 
     Exit 1 if a transaction is split (without --compute), 0 if coherent.
     """
-    from ..tools import verify as v
     from ..formats.filestorage import find_cut
+    from ..tools import verify as v
     from ..tools.restore import _read_tids
 
     if files:
@@ -387,7 +348,7 @@ def adopt(config_path, tidlogs, force, dry_run):
         click.echo(f"already this set's: {p}")
 
 
-def register_tools(main: click.Group) -> None:
+def register(main: click.Group) -> None:
     """Add the operator commands to the ``tidstorage`` group."""
     for command in (backup, restore, repair, verify, cleanup, adopt):
         main.add_command(command)

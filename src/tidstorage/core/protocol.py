@@ -71,6 +71,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+from ..errors import ProtocolError
+
 # -- limits ---------------------------------------------------------------
 
 #: Longest field (a transaction id or a storage id). Legacy storage ids are
@@ -119,10 +121,6 @@ _SIMPLE = {
     "QUIT": (QUIT,),
     "SYNC": (SYNC,),
 }
-
-
-class ProtocolError(ValueError):
-    """Malformed input; the message says what and where."""
 
 
 class _Incomplete(Exception):

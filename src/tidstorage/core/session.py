@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from . import protocol as p
+
 __all__ = ["ClientSession", "Ticket", "CommitFlow", "MAX_LATE", "process_identity",
            "new_coherency_id", "session_of"]
 

@@ -12,12 +12,10 @@ import ssl
 from typing import Iterable, Mapping
 
 from ..core import protocol as p
+from ..errors import ClientError
+
 RECV_BYTES = 64 * 1024
 DEFAULT_TIMEOUT = 5.0
-
-
-class ClientError(Exception):
-    """The daemon could not be reached, or answered something unexpected."""
 
 
 def parse_server(text: str) -> tuple[str, int]:

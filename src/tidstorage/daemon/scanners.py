@@ -24,9 +24,9 @@ from pathlib import Path
 
 from ZODB.utils import p64, u64
 
-from ..formats import filestorage
 from ..core.coordinator import OwnerInfo
 from ..core.stamps import Stamp, stamp_of
+from ..formats import filestorage
 from .zeo import ZeoSpec, ZeoUnavailable, open_client
 
 log = logging.getLogger("tidstorage.server")

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..config import Config, ConfigError
 from ..core import coordinator as co
 from ..core import protocol as p
-from ..config import Config, ConfigError
-from .connection import BulkQueue, Connection
 from ..core.coordinator import LOG_INTERVAL, RateLimitedLog  # noqa: F401  (re-exported)
-from ..formats.tidlog import TidLogWriter, read_log
 from ..core.tids import tid_at, tid_seconds
+from ..formats.tidlog import TidLogWriter, read_log
+from .connection import BulkQueue, Connection
 
 log = logging.getLogger("tidstorage.server")
 

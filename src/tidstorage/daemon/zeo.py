@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ZODB.Connection import TransactionMetaData
-from ZODB.utils import p64, u64
+from ZODB.utils import u64
+
+from ..errors import ZeoUnavailable
 
 __all__ = [
     "BOOTSTRAP_EXTENSION",
@@ -51,16 +53,6 @@ CLIENT_LABEL = "tidstorage"
 _ABORT_TIMEOUT = 2.0
 
 Address = tuple[str, int] | str
-
-
-class ZeoUnavailable(Exception):
-    """A ZEO storage could not be reached or refused the bootstrap commit."""
-
-    def __init__(self, message: str, storage_id: str | None = None,
-                 address: Address | None = None):
-        super().__init__(message)
-        self.storage_id = storage_id
-        self.address = address
 
 
 # -- addresses --------------------------------------------------------------

@@ -190,8 +190,8 @@ def _describe_cuts(outcome: Outcome, cuts: dict, what: str) -> int:
 
 def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None] = print) -> bool:
     """Run the demo; True when everything verified."""
-    from ..tools.backup import run_backup
     from ..config import load_config
+    from ..tools.backup import run_backup
     from ..tools.restore import run_repair, run_restore
 
     directory = directory.resolve()

@@ -22,6 +22,8 @@ import time
 import weakref
 from pathlib import Path
 
+from ..errors import TidstorageError
+
 __all__ = ["ZeoServer", "ZeoServerError", "DaemonProcess", "free_port", "wait_for_port"]
 
 POLL_INTERVAL = 0.02
@@ -29,7 +31,7 @@ POLL_INTERVAL = 0.02
 _running: "weakref.WeakSet[ZeoServer]" = weakref.WeakSet()
 
 
-class ZeoServerError(RuntimeError):
+class ZeoServerError(TidstorageError, RuntimeError):
     """The ZEO server process could not be started."""
 
 

@@ -40,6 +40,8 @@ from pathlib import Path
 from ZODB.blob import FilesystemHelper
 from ZODB.utils import u64
 
+from ..errors import TidstorageError
+
 __all__ = [
     "SNAPSHOT_NAME",
     "BlobTreeError",
@@ -89,7 +91,7 @@ def _copy_file(src: str, dst: str, fsync: bool) -> int:
     return os.path.getsize(dst)
 
 
-class BlobTreeError(OSError):
+class BlobTreeError(TidstorageError, OSError):
     """A blob directory that cannot be walked whole (see the module
     docstring); ``filename`` is the path."""
 

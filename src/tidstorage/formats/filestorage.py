@@ -90,10 +90,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import zodbpickle.pickle
-from ZODB.FileStorage.format import DATA_HDR
-from ZODB.FileStorage.format import DATA_HDR_LEN
-from ZODB.FileStorage.format import TRANS_HDR
-from ZODB.FileStorage.format import TRANS_HDR_LEN
+from ZODB.FileStorage.format import DATA_HDR, DATA_HDR_LEN, TRANS_HDR, TRANS_HDR_LEN
+
+from ..errors import ScanError
 
 __all__ = [
     "ScanError",
@@ -146,22 +145,6 @@ _pread = os.pread  # indirection so tests can count the bytes read
 # ---------------------------------------------------------------------------
 # Public data types
 # ---------------------------------------------------------------------------
-
-
-class ScanError(Exception):
-    """A FileStorage file is not what it should be at some offset."""
-
-    def __init__(self, path, offset, reason):
-        super().__init__(path, offset, reason)
-        self.path = path
-        self.offset = offset
-        self.reason = reason
-
-    def __str__(self):
-        where = os.fspath(self.path) if self.path is not None else "<unknown>"
-        if self.offset is None:
-            return f"{where}: {self.reason}"
-        return f"{where}: offset {self.offset}: {self.reason}"
 
 
 class UnsafeExtensionError(ScanError, pickle.UnpicklingError):

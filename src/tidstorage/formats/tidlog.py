@@ -83,6 +83,8 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ..errors import TidLogError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -117,16 +119,6 @@ _TAIL_SCAN_LIMIT = 1 << 20
 _TAIL_SCAN_BLOCK = 1 << 16
 
 PathLike = str | os.PathLike[str]
-
-
-class TidLogError(Exception):
-    """A TID log line is invalid.  The message names the file and line."""
-
-    def __init__(self, reason: str, path: str = "<tidlog>", lineno: int = 0) -> None:
-        super().__init__(f"{path}:{lineno}: {reason}")
-        self.reason = reason
-        self.path = path
-        self.lineno = lineno
 
 
 class TidLogCorruptError(TidLogError, OSError):

@@ -66,8 +66,9 @@ from pathlib import Path
 
 import zc.lockfile
 
-from ..formats import blobs
 from ..config import Config, ConfigError
+from ..errors import ToolError
+from ..formats import blobs
 from ..formats.tidlog import TidLogError, read_log
 
 __all__ = [
@@ -91,11 +92,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------
-
-
-class ToolError(Exception):
-    """An operational failure (exit code 1).  The message names the storage
-    and/or the file."""
 
 
 TIMESTAMP_FORMAT = "%Y-%m-%d-%H-%M-%S"

@@ -38,12 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import Config, ConfigError
 from ..formats import blobs
 from .backup import (
     BACKUP_LOCK,
     FULL_EXTS,
-    Lock,
     TIMESTAMP_RE,
+    Lock,
     ToolError,
     atomic_write,
     blob_backup_dir,
@@ -54,7 +55,6 @@ from .backup import (
     tidlog_copies,
     tidlog_identity_path,
 )
-from ..config import Config, ConfigError
 
 __all__ = ["CleanupPlan", "plan_cleanup", "run_cleanup"]
 

@@ -60,10 +60,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..formats import blobs
-
-from ..formats import filestorage
-
+from ..config import Config, ConfigError, StorageConfig
+from ..core.tids import tid_seconds
+from ..formats import blobs, filestorage
+from ..formats.filestorage import CutPoint, ScanError
+from ..formats.tidlog import read_log
 from . import verify
 from .backup import (
     FULL_EXTS,
@@ -80,10 +81,6 @@ from .backup import (
     require,
     tidlog_copies,
 )
-from ..config import Config, ConfigError, StorageConfig
-from ..formats.filestorage import CutPoint, ScanError
-from ..formats.tidlog import read_log
-from ..core.tids import tid_seconds
 
 __all__ = [
     "CACHE_NOTE",

@@ -40,11 +40,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-
+from ..core.stamps import (
+    MAX_TID,
+    STAMP_KEY,
+    Split,
+    Stamp,
+    find_splits,
+    largest_coherent_cut,
+    stamp_of,
+)
+from ..core.tids import shift_tid, tid_at, tid_time  # noqa: F401 (re-exported)
 from ..formats import filestorage
 from ..formats.filestorage import ScanError
-from ..core.stamps import MAX_TID, STAMP_KEY, Split, Stamp, find_splits, largest_coherent_cut, stamp_of
-from ..core.tids import shift_tid, tid_at, tid_time  # noqa: F401 (re-exported)
 
 __all__ = [
     "DEFAULT_WINDOW",

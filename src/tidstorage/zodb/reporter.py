@@ -40,8 +40,8 @@ import weakref
 from typing import Iterable, Mapping
 
 from ..core import protocol as p
-from ..daemon.client import open_socket
 from ..core.session import ClientSession
+from ..daemon.client import open_socket
 
 log = logging.getLogger("tidstorage.reporter")
 

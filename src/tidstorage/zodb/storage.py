@@ -45,9 +45,9 @@ from typing import Any
 import zope.interface
 from ZODB.utils import u64
 
-from .reporter import Reporter, get_reporter
 from ..core.session import ID_PREFIX, CommitFlow, new_coherency_id  # noqa: F401  (ID_PREFIX re-exported)
 from ..core.stamps import STAMP_KEY
+from .reporter import Reporter, get_reporter
 
 log = logging.getLogger("tidstorage.storage")
 

@@ -1,0 +1,52 @@
+"""What every ``tidstorage`` command shares: the config option, loading it,
+and the one place where errors become messages and exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import click
+
+from ..config import Config, load_config
+from ..errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, TidstorageError
+
+__all__ = ["CONFIG", "CONFIG_OPTIONAL", "fail", "load", "errors", "EXIT_FAILURE", "EXIT_USAGE"]
+
+#: The TOML config, required (most commands) or optional (serve, dump).
+CONFIG = click.option("-c", "--config", "config_path", required=True,
+                      type=click.Path(dir_okay=False), help="TOML config file.")
+CONFIG_OPTIONAL = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+                               help="TOML config file.")
+
+
+def fail(message: str, code: int = EXIT_FAILURE):
+    """Print ``message`` (each line prefixed) on stderr and exit ``code``."""
+    for line in str(message).splitlines() or [""]:
+        click.echo(f"tidstorage: {line}", err=True)
+    sys.exit(code)
+
+
+def load(path: str | None) -> Config:
+    """The config at ``path`` (the defaults without one); exit 2 if bad."""
+    if path is None:
+        return Config()
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_USAGE)
+
+
+@contextlib.contextmanager
+def errors():
+    """Turn tidstorage's errors (and the file system's) into a message and
+    the error's exit code: the only place that maps them."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", exc.exit_code)
+    except TidstorageError as exc:
+        fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        fail(f"{exc.strerror or exc}{where}")
