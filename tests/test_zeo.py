@@ -18,18 +18,17 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileIterator
 from ZODB.utils import u64, z64
 
-from tidstorage.demo.cluster import ZeoServer, ZeoServerError, free_port
+from tidstorage.core.addresses import format_address
+from tidstorage.core.addresses import parse_zeo_address as parse_address
 from tidstorage.daemon.zeo import (
     BOOTSTRAP_EXTENSION,
     ZeoSpec,
     ZeoUnavailable,
     commit_noop,
-    format_address,
     is_bootstrap_extension,
     last_transaction,
-    parse_address,
 )
-
+from tidstorage.demo.cluster import ZeoServer, ZeoServerError, free_port
 
 # -- helpers ----------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.addresses import parse_zeo_address
 from .core.protocol import MAX_STORAGES
 from .errors import ConfigError
 
@@ -315,10 +316,8 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
         if wire_id in storages:
             raise r.fail(f"storages.{name}", f"storage id {wire_id!r} is used twice")
         if "zeo" in values:
-            from .daemon.zeo import parse_address  # local: keeps config import light
-
             try:
-                parse_address(values["zeo"])
+                parse_zeo_address(values["zeo"])
             except ValueError as exc:
                 raise r.fail(f"storages.{name}.zeo", str(exc)) from None
         storages[wire_id] = StorageConfig(name=name, id=wire_id, **values)

@@ -47,9 +47,9 @@ def open_all(spec: dict) -> dict[str, ZODB.DB]:
     from ZEO.ClientStorage import ClientStorage
     from ZODB.FileStorage import FileStorage
 
-    from tidstorage.daemon.client import parse_server
+    from tidstorage.core.addresses import parse_host_port
 
-    server = parse_server(spec["server"])
+    server = parse_host_port(spec["server"], "daemon address")
     bases = {name: ClientStorage((h, int(p)), storage=st, wait_timeout=30)
              for name, (h, p, st) in spec.get("zeo", {}).items()}
     for name, path in spec.get("files", {}).items():

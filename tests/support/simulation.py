@@ -891,7 +891,8 @@ class Daemon:
         kinds = dict(w.params.storages)
         self.core = co.Coordinator(kinds, dict(self.tidlog), clock=lambda: w.now,
                                    daemon_id=f"d{self.incarnation}", host="here",
-                                   grace=1.0, config_name="sim")
+                                   grace=1.0, config_name="sim",
+                                   rng=random.Random(f"{w.seed}-{self.incarnation}"))
         w.log(f"daemon {self.incarnation} starts from {self.tidlog}")
         self.core.start()
         self.act()

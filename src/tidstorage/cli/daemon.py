@@ -134,12 +134,13 @@ async def _serve(daemon, handler: logging.Handler) -> None:
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
 def dump(config_path, server, as_json, timeout) -> None:
     """Print the TIDs the daemon has published."""
-    from ..daemon.client import ClientError, parse_server
+    from ..core.addresses import parse_host_port
+    from ..daemon.client import ClientError
 
     config = load(config_path)
     if server:
         try:
-            address = parse_server(server)
+            address = parse_host_port(server, "daemon address")
         except ValueError as exc:
             fail(str(exc), EXIT_USAGE)
     else:

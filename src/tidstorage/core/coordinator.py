@@ -85,10 +85,12 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from . import protocol as p
+from .backoff import Backoff
 from .gate import NONE, Gate, KnownTxn
 from .session import session_of
 from .stamps import Stamp
@@ -330,6 +332,7 @@ class Coordinator:
         tid_ceiling: Callable[[int], int] | None = None,
         admin_token: str | None = None,
         rewrite_log: Callable[[dict[str, int]], str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         #: storage id -> "zeo", "file" or None (unreadable)
         self.kinds = {s: k for s, k in kinds.items()}
@@ -378,7 +381,8 @@ class Coordinator:
         self._scan_again: dict[str, bool] = {s: False for s in readable}
         self._scan_done = {s: 0 for s in readable}  # last completed seq
         self._scanned_once: set[str] = set()
-        self._retry: dict[tuple, float] = {}
+        self._retry: dict[tuple, Backoff] = {}  # failed reads and no-ops, until one works
+        self._random = rng or random.Random()
         self._armed: set[tuple] = set()  # timers set and not fired yet
         self._bootstrap_txn: str | None = None
         self._boot_logged = False
@@ -1032,10 +1036,10 @@ class Coordinator:
             self._noop(storages, purpose, coherency_id)
 
     def _backoff(self, key: tuple) -> float:
-        delay = self._retry.get(key)
-        delay = RETRY_FIRST if delay is None else min(delay * 2, RETRY_MAX)
-        self._retry[key] = delay
-        return delay
+        backoff = self._retry.get(key)
+        if backoff is None:
+            backoff = self._retry[key] = Backoff(RETRY_FIRST, RETRY_MAX, self._random)
+        return backoff.next()
 
     # -- the operators' command ---------------------------------------------------
 

@@ -72,6 +72,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from ..errors import ProtocolError
+from .tids import MAX_TID  # TIDs are unsigned 64-bit integers
 
 # -- limits ---------------------------------------------------------------
 
@@ -91,8 +92,9 @@ MAX_STORAGES = 4096
 #: Most bytes buffered for one incomplete command (fields received but not
 #: yet a whole command). A command of MAX_STORAGES ids of 64 bytes fits easily.
 MAX_PENDING_BYTES = 1024 * 1024
-#: TIDs are unsigned 64-bit integers.
-MAX_TID = 2**64 - 1
+#: Receive size of the clients' sockets (the CLI's client and the
+#: reporter; replies are a few bytes, a DUMP reply up to MAX_STORAGES ids).
+RECV_BYTES = 64 * 1024
 #: Integers (counts, TIDs) are ASCII decimal digits, at most this many
 #: (MAX_TID has 20); no sign, space, ``_`` or other digits (``int()`` takes
 #: them all).

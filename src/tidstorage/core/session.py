@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from . import protocol as p
+from .stamps import stamp_value
 
 __all__ = ["ClientSession", "Ticket", "CommitFlow", "MAX_LATE", "process_identity",
            "new_coherency_id", "session_of"]
@@ -357,7 +358,7 @@ class CommitFlow:
         self.storage_ids = names = sorted(set(self.members))
         self.multi = len(names) > 1
         if self.multi:
-            self.extension[stamp_key] = {"id": self.id, "storages": names}
+            self.extension[stamp_key] = stamp_value(self.id, names)
         return self.multi
 
     def member_finished(self, storage_id: str, tid: int | None) -> bool:

@@ -54,6 +54,8 @@ __all__ = [
     "Split",
     "stamp_of",
     "stamp_value",
+    "bootstrap_value",
+    "is_bootstrap",
     "find_splits",
     "largest_coherent_cut",
 ]
@@ -122,6 +124,20 @@ def stamp_value(stamp_id: str, storages: Iterable[str], *, bootstrap: bool = Fal
     if bootstrap:
         value["bootstrap"] = True
     return value
+
+
+def bootstrap_value(stamp_id: str | None = None, storages: Iterable[str] = ()) -> dict:
+    """The mark of the daemon's own no-op commits: ``{"bootstrap": True}``,
+    with an ``id`` and ``storages`` only when the no-op proves an in-doubt
+    transaction over several storages (it is then also a stamp)."""
+    if stamp_id is None:
+        return {"bootstrap": True}
+    return stamp_value(stamp_id, storages, bootstrap=True)
+
+
+def is_bootstrap(value) -> bool:
+    """Whether ``extension[STAMP_KEY]`` marks one of the daemon's no-ops."""
+    return isinstance(value, Mapping) and bool(value.get("bootstrap"))
 
 
 # ---------------------------------------------------------------------------

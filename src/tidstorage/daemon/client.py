@@ -1,7 +1,7 @@
 """A small blocking client of the daemon (CLI, tools, tests).
 
 Speaks the protocol of :mod:`tidstorage.core.protocol`. One socket, reads of up
-to :data:`RECV_BYTES`, replies parsed by :class:`~.protocol.ReplyReader`.
+to :data:`~.protocol.RECV_BYTES`, replies parsed by :class:`~.protocol.ReplyReader`.
 Not thread-safe: use one per thread, or a lock.
 """
 
@@ -14,18 +14,7 @@ from typing import Iterable, Mapping
 from ..core import protocol as p
 from ..errors import ClientError
 
-RECV_BYTES = 64 * 1024
 DEFAULT_TIMEOUT = 5.0
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port``) -> (host, port); ValueError names the text."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not a HOST:PORT server address: {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
 
 
 def open_socket(
@@ -130,7 +119,7 @@ class Client:
             if value is not None:
                 return value
             try:
-                data = self._sock.recv(RECV_BYTES)
+                data = self._sock.recv(p.RECV_BYTES)
             except OSError as exc:
                 raise ClientError(f"lost the daemon at {_fmt(self.address)}: {exc}") from None
             if not data:

@@ -1,7 +1,9 @@
 """One client connection of the daemon, and the scheduling of bulk reads.
 
-The daemon's own logic (what each command does) is in ``server.py``; this
-module decides *when* received bytes are applied:
+The connection talks to a :class:`Handler` (the daemon, injected; this
+module never imports ``server.py``), which decides what each command does
+and what the budgets allow; this module decides *when* received bytes are
+applied:
 
 * a small read (an interactive request: ``DUMP``, a ZODB client's
   ``BEGIN2`` + ``SYNC``...) is applied at once;
@@ -20,13 +22,10 @@ import asyncio
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..core import protocol as p
 from ..core.coordinator import Peer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Daemon
 
 log = logging.getLogger("tidstorage.server")
 
@@ -47,6 +46,32 @@ DUMPS_PER_BATCH = 4
 #: Bytes an unauthenticated peer may send before its AUTH is complete (an
 #: AUTH is a few dozen bytes): nothing is buffered for strangers.
 MAX_PREAUTH_BYTES = 4096
+
+
+class Handler(Protocol):
+    """What a :class:`Connection` asks of the daemon."""
+
+    def accept(self, conn: "Connection") -> bool:
+        """A new connection: False refuses it (budgets)."""
+
+    def authenticate(self, conn: "Connection", event: tuple) -> bool:
+        """Is ``event`` (the first command) the right AUTH? On False the
+        connection is closed after :attr:`auth_failure_delay`."""
+
+    def apply(self, conn: "Connection", events: list[tuple]) -> bytes:
+        """Apply decoded commands; return the replies."""
+
+    def must_wait(self, conn: "Connection") -> bool:
+        """Must the commands of ``conn`` wait (too many replies unread)?"""
+
+    def writer_paused(self, conn: "Connection", paused: bool) -> None:
+        """``conn``'s peer stopped (or resumed) reading its replies."""
+
+    def refuse(self, conn: "Connection", why: str) -> None:
+        """An unauthenticated peer broke a budget: log and close it."""
+
+    def closed(self, conn: "Connection") -> None:
+        """``conn`` has ended."""
 
 
 class BulkQueue:
@@ -89,14 +114,17 @@ class Connection(asyncio.Protocol):
     """One client connection (see the module docstring for scheduling)."""
 
     __slots__ = (
-        "daemon", "transport", "peer", "decoder", "authenticated", "closing",
-        "backlog", "write_paused", "events", "received",
+        "_handler", "_bulk", "transport", "peer", "decoder", "authenticated", "closing",
+        "backlog", "write_paused", "events", "received", "_auth_failure_delay",
     )
 
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
+    def __init__(self, handler: Handler, bulk: BulkQueue, *, auth_required: bool,
+                 auth_failure_delay: float = 1.0) -> None:
+        self._handler = handler
+        self._bulk = bulk
+        self._auth_failure_delay = auth_failure_delay
         self.decoder = p.Decoder()
-        self.authenticated = daemon.listen.auth_token is None
+        self.authenticated = not auth_required
         self.closing = False
         self.peer = Peer("?")  # the coordinator's view of this connection
         self.transport = None
@@ -112,7 +140,10 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer.name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.daemon.connection_made(self)
+        if not self._handler.accept(self):
+            self.closing = True
+            transport.abort()
+            return
         log.debug("%s: connected", self.peer.name)
 
     def data_received(self, data: bytes) -> None:
@@ -133,19 +164,28 @@ class Connection(asyncio.Protocol):
             start = cut
         backlog.append(data[start:] if start else data)
         self.transport.pause_reading()
-        self.daemon.bulk.add(self)
+        self._bulk.add(self)
 
     def process(self, data: bytes) -> None:
         if not self.authenticated:
             self.received += len(data)
             if self.received > MAX_PREAUTH_BYTES:
-                self.daemon.refuse(self, f"{self.received} bytes before AUTH")
+                self._handler.refuse(self, f"{self.received} bytes before AUTH")
                 return
         events = self.decoder.feed(data)
         if not events:
             return
         if not self.authenticated:
-            events = self.daemon.check_auth(self, events)
+            if not self._handler.authenticate(self, events[0]):
+                # Slow guessing down: the connection stays, useless, a while.
+                self.closing = True
+                self.transport.pause_reading()
+                asyncio.get_running_loop().call_later(self._auth_failure_delay,
+                                                      self.transport.close)
+                return
+            self.authenticated = True
+            self.transport.write(b"1\n")
+            events = events[1:]
             if not events:
                 return
         if self.events:
@@ -158,7 +198,7 @@ class Connection(asyncio.Protocol):
             self.run_events()
 
     def _fits(self, events: list[tuple]) -> bool:
-        if self.write_paused or self.daemon.replies_waiting(self):
+        if self.write_paused or self._handler.must_wait(self):
             return False
         dumps = 0
         for event in events:
@@ -169,7 +209,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def _apply(self, events: list[tuple]) -> None:
-        out = self.daemon.apply(self, events)
+        out = self._handler.apply(self, events)
         if out and not self.closing:
             self.transport.write(out)
 
@@ -178,7 +218,7 @@ class Connection(asyncio.Protocol):
         reads its replies (and the daemon's reply budget allows)."""
         events = self.events
         while events and not self.closing:
-            if self.write_paused or self.daemon.replies_waiting(self):
+            if self.write_paused or self._handler.must_wait(self):
                 self.transport.pause_reading()
                 return
             batch = []
@@ -220,7 +260,7 @@ class Connection(asyncio.Protocol):
             batch = [e for e in self.events if e[0] is not p.DUMP]
             self.events.clear()
             if batch:
-                self.daemon.apply(self, batch)
+                self._handler.apply(self, batch)
 
     def eof_received(self) -> bool:
         self.drain()
@@ -231,24 +271,25 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.drain()
         self.closing = True
-        self.daemon.connection_closed(self)
+        self._handler.closed(self)
         log.debug("%s: disconnected", self.peer.name)
 
     def pause_writing(self) -> None:
         self.write_paused = True
         self.transport.pause_reading()
-        self.daemon.writer_paused(self, True)
+        self._handler.writer_paused(self, True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.daemon.writer_paused(self, False)
+        self._handler.writer_paused(self, False)
         if self.events:
             self.run_events()
         elif not self.backlog:
             self.transport.resume_reading()
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
+    def buffered(self) -> int:
+        """Reply bytes waiting for the peer to read them."""
+        return self.transport.get_write_buffer_size()
 
     def close_after(self, replies: list[bytes]) -> None:
         if replies:

@@ -141,7 +141,8 @@ class Daemon:
                     f"{self.status_file}: the TID log names {len(initial)} storage ids, more than"
                     f" the {p.MAX_STORAGES} the daemon publishes (protocol.MAX_STORAGES):"
                     " configure [storages], or start a new TID log")
-        from .zeo import ZeoSpec, parse_address
+        from ..core.addresses import parse_zeo_address
+        from .zeo import ZeoSpec
 
         kinds: dict[str, str | None] = {}
         self._readers: dict[str, object] = {}
@@ -151,7 +152,7 @@ class Daemon:
 
         for sid, st in config.storages.items():
             if st.zeo:
-                spec = self._zeo_specs[sid] = ZeoSpec(parse_address(st.zeo), st.zeo_storage)
+                spec = self._zeo_specs[sid] = ZeoSpec(parse_zeo_address(st.zeo), st.zeo_storage)
                 self._readers[sid] = ZeoReader(sid, spec)
                 kinds[sid] = "zeo"
             elif st.data_fs is not None:
@@ -195,7 +196,8 @@ class Daemon:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._write_paused: set[Connection] = set()
         self._waiting_replies: set[Connection] = set()
-        self._unauthenticated = 0
+        #: connections that have not authenticated yet
+        self._strangers: set[Connection] = set()
         self._limited = co.RateLimitedLog(log, time.monotonic)
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._workers: dict[str, _Worker] = {}
@@ -215,7 +217,8 @@ class Daemon:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Connection(self),
+            lambda: Connection(self, self.bulk, auth_required=self.listen.auth_token is not None,
+                               auth_failure_delay=AUTH_FAILURE_DELAY),
             self.listen.address,
             self.listen.port,
             ssl=self.listen.ssl_context,
@@ -443,30 +446,27 @@ class Daemon:
         key = f"loop {message} {type(exc).__name__ if exc else ''}"
         self._limited.log(logging.ERROR, key, "%s%s", message, f": {exc!r}" if exc else "")
 
-    def connection_made(self, conn: Connection) -> None:
+    # The connections' Handler (see connection.py).
+
+    def accept(self, conn: Connection) -> bool:
         full = len(self._connections) >= MAX_CONNECTIONS
-        strangers = not conn.authenticated and self._unauthenticated >= MAX_UNAUTHENTICATED
+        strangers = not conn.authenticated and len(self._strangers) >= MAX_UNAUTHENTICATED
         if full or strangers:
             self._limited.log(logging.WARNING, "connection cap",
                               "%s: refused: %s", conn.peer.name,
                               f"{MAX_CONNECTIONS} connections already (MAX_CONNECTIONS)" if full
                               else f"{MAX_UNAUTHENTICATED} unauthenticated connections already"
                               " (MAX_UNAUTHENTICATED)")
-            conn.closing = True
-            conn.transport.abort()
-            return
+            return False
         self._connections.add(conn)
         if not conn.authenticated:
-            self._unauthenticated += 1
+            self._strangers.add(conn)
             self._loop.call_later(UNAUTHENTICATED_IDLE, self._auth_deadline, conn)
+        return True
 
     def _auth_deadline(self, conn: Connection) -> None:
         if not conn.authenticated and not conn.closing:
             self.refuse(conn, f"no AUTH within {UNAUTHENTICATED_IDLE:g} s")
-
-    def _authenticated(self, conn: Connection) -> None:
-        conn.authenticated = True
-        self._unauthenticated -= 1
 
     def refuse(self, conn: Connection, why: str) -> None:
         """Close an unauthenticated connection that broke a budget."""
@@ -474,13 +474,11 @@ class Daemon:
                           conn.peer.name, why)
         conn.close()
 
-    def connection_closed(self, conn: Connection) -> None:
+    def closed(self, conn: Connection) -> None:
         if conn not in self._connections:
             return  # refused at once
         self._connections.discard(conn)
-        if not conn.authenticated:
-            self._unauthenticated -= 1
-            conn.authenticated = True  # counted once
+        self._strangers.discard(conn)
         self.writer_paused(conn, False)
         self._waiting_replies.discard(conn)
         self.core.connection_closed(conn.peer)
@@ -500,12 +498,12 @@ class Daemon:
     def _reply_pressure(self) -> bool:
         total = 0
         for conn in self._write_paused:
-            total += conn.transport.get_write_buffer_size()
+            total += conn.buffered()
             if total > MAX_REPLY_BYTES:
                 return True
         return False
 
-    def replies_waiting(self, conn: Connection) -> bool:
+    def must_wait(self, conn: Connection) -> bool:
         """Must ``conn``'s commands wait (too many replies not read)?"""
         if len(self._write_paused) * 256 * 1024 < MAX_REPLY_BYTES or not self._reply_pressure():
             return False
@@ -528,23 +526,17 @@ class Daemon:
             return b""
         return out
 
-    def check_auth(self, conn: Connection, events: list[tuple]) -> list[tuple] | None:
-        """Authenticate ``conn`` from its first event; None if it failed."""
-        first = events[0]
+    def authenticate(self, conn: Connection, event: tuple) -> bool:
+        """Is ``event`` (the first command of ``conn``) the right AUTH?"""
         token = self.listen.auth_token
-        if first[0] is p.AUTH and hmac.compare_digest(first[1].encode(), token.encode()):
-            self._authenticated(conn)
-            conn.write(b"1\n")
-            return events[1:]
-        what = "wrong token" if first[0] is p.AUTH else f"{first[0]} before AUTH"
+        if event[0] is p.AUTH and hmac.compare_digest(event[1].encode(), token.encode()):
+            self._strangers.discard(conn)
+            return True
+        what = "wrong token" if event[0] is p.AUTH else f"{event[0]} before AUTH"
         self._limited.log(logging.ERROR, "auth failed",
                           "%s: authentication failed (%s); closing the connection in %g s",
                           conn.peer.name, what, AUTH_FAILURE_DELAY)
-        # Slow guessing down: the connection stays, useless, for a while.
-        conn.closing = True
-        conn.transport.pause_reading()
-        self._loop.call_later(AUTH_FAILURE_DELAY, conn.transport.close)
-        return None
+        return False
 
 
 def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:

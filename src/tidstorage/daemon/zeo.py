@@ -16,8 +16,6 @@ do not want them can call :func:`quiet_zeo_logging` once.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +24,8 @@ from dataclasses import dataclass
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import u64
 
+from ..core.addresses import Address, format_address
+from ..core.stamps import STAMP_KEY, bootstrap_value, is_bootstrap
 from ..errors import ZeoUnavailable
 
 __all__ = [
@@ -33,72 +33,22 @@ __all__ = [
     "ZeoSpec",
     "ZeoUnavailable",
     "commit_noop",
-    "format_address",
     "is_bootstrap_extension",
     "last_transaction",
     "open_client",
-    "parse_address",
     "quiet_zeo_logging",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Extension dict stored in the bootstrap transactions' metadata.
-BOOTSTRAP_EXTENSION = {"tidstorage": {"bootstrap": True}}
+BOOTSTRAP_EXTENSION = {STAMP_KEY: bootstrap_value()}
 
 #: Client label shown in the ZEO server's log for our connections.
 CLIENT_LABEL = "tidstorage"
 
 # How long tpc_abort may wait for a lost connection to come back.
 _ABORT_TIMEOUT = 2.0
-
-Address = tuple[str, int] | str
-
-
-# -- addresses --------------------------------------------------------------
-
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]+)$")
-
-
-def parse_address(text: str) -> Address:
-    """Parse a ZEO server address.
-
-    ``"host:port"`` and ``"[ipv6]:port"`` give a ``(host, port)`` tuple; a
-    text containing ``/`` is a unix socket path (``~`` is expanded).
-    Anything else raises :class:`ValueError` naming the text.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"invalid ZEO address {text!r}: expected a string")
-    stripped = text.strip()
-    if not stripped:
-        raise ValueError(f"invalid ZEO address {text!r}: empty")
-    if "/" in stripped:
-        if "\0" in stripped:
-            raise ValueError(f"invalid ZEO address {text!r}: NUL in socket path")
-        return os.path.expanduser(stripped)
-    match = _HOST_PORT.match(stripped)
-    if match is None:
-        if stripped.count(":") > 1 and not stripped.startswith("["):
-            hint = "put IPv6 addresses in brackets, e.g. [::1]:8100"
-        else:
-            hint = "expected host:port, [ipv6]:port or a unix socket path"
-        raise ValueError(f"invalid ZEO address {text!r}: {hint}")
-    port = int(match["port"])
-    if not 0 < port < 65536:
-        raise ValueError(f"invalid ZEO address {text!r}: port {port} out of range")
-    host = match["v6"] if match["v6"] is not None else match["host"]
-    return (host, port)
-
-
-def format_address(address: Address) -> str:
-    """Inverse of :func:`parse_address` (for messages and config files)."""
-    if isinstance(address, str):
-        return address
-    host, port = address
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
 
 @dataclass(frozen=True)
 class ZeoSpec:
@@ -256,12 +206,9 @@ def _two_phase_noop(specs, clients, description, coherency_id=None) -> dict[str,
     # coherency id is given, not stamped as a multi-storage transaction: it
     # writes no data, so a daemon killed between its finishes leaves no
     # split that matters (see gate.py).
-    stamp = dict(BOOTSTRAP_EXTENSION["tidstorage"])
-    if coherency_id:
-        stamp["id"] = coherency_id
-        stamp["storages"] = sorted(specs)
+    stamp = bootstrap_value(coherency_id, specs) if coherency_id else bootstrap_value()
     txn = TransactionMetaData(
-        user="", description=description, extension={"tidstorage": stamp})
+        user="", description=description, extension={STAMP_KEY: stamp})
     begun: list[str] = []       # tpc_begin called, client-side 2PC open
     finished: dict[str, int] = {}
     phase = "tpc_begin"
@@ -327,8 +274,7 @@ def is_bootstrap_extension(extension) -> bool:
             return False
     if not isinstance(extension, Mapping):
         return False
-    marker = extension.get("tidstorage")
-    return isinstance(marker, Mapping) and bool(marker.get("bootstrap"))
+    return is_bootstrap(extension.get(STAMP_KEY))
 
 
 _quiet_lock = threading.Lock()

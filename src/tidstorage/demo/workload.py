@@ -161,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after-first-finish", type=int, default=None)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between transactions")
     args = parser.parse_args(argv)
-    from ..daemon.client import parse_server
+    from ..core.addresses import parse_host_port
 
     spec = json.loads(args.zeo)
     zeo = {k: ((v[0], int(v[1])), str(v[2])) for k, v in spec.items()}
-    databases = open_databases(zeo, parse_server(args.server), timeout=args.timeout,
+    databases = open_databases(zeo, parse_host_port(args.server, "daemon address"), timeout=args.timeout,
                                files=json.loads(args.files))
     rng = random.Random(args.seed if args.seed is not None else args.writer)
     names = sorted(databases)

@@ -40,6 +40,7 @@ import weakref
 from typing import Iterable, Mapping
 
 from ..core import protocol as p
+from ..core.backoff import Backoff
 from ..core.session import ClientSession
 from ..daemon.client import open_socket
 
@@ -49,8 +50,6 @@ DEFAULT_TIMEOUT = 1.0
 #: Reconnection backoff: first and longest wait between attempts (seconds).
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
-#: Receive buffer of the reporter's socket (replies are a few bytes each).
-RECV_BYTES = 64 * 1024
 #: Longest delay of a batched fire-and-forget report (seconds).
 FLUSH_DELAY = 0.01
 
@@ -252,7 +251,7 @@ class Reporter:
 
     @staticmethod
     def _recv_into(sock: socket.socket, reader: p.ReplyReader) -> None:
-        data = sock.recv(RECV_BYTES)
+        data = sock.recv(p.RECV_BYTES)
         if not data:
             raise ConnectionError("the daemon closed the connection (authentication refused?)")
         reader.feed(data)
@@ -275,7 +274,7 @@ class Reporter:
         self._flush_wanted.set()
 
     def _run(self) -> None:
-        delay = RECONNECT_FIRST
+        backoff = Backoff(RECONNECT_FIRST, RECONNECT_MAX)
         while not self._closed:
             try:
                 sock, daemon_id = self._connect()
@@ -286,15 +285,14 @@ class Reporter:
                     log.warning(
                         "cannot reach the tidstorage daemon at %s:%d (%s); commits go on"
                         " without waiting, retrying in the background", *self.address, exc)
-                self._wake.wait(delay)
+                self._wake.wait(backoff.next())
                 self._wake.clear()
-                delay = min(delay * 2, RECONNECT_MAX)
                 continue
             primary = _claim(daemon_id, self)
             if primary is not self:
                 self._become_alias(primary, sock)
                 return
-            delay = RECONNECT_FIRST
+            backoff.reset()
             with self._lock:
                 if self._closed:
                     sock.close()
@@ -314,7 +312,7 @@ class Reporter:
         reader = p.ReplyReader()
         while True:
             try:
-                data = sock.recv(RECV_BYTES)
+                data = sock.recv(p.RECV_BYTES)
             except TimeoutError:
                 if self._sock is not sock:
                     return
