@@ -8,10 +8,12 @@ import sys
 
 import pytest
 import zc.lockfile
-
 from support.fsfixtures import Site, run_cli
+
 from tidstorage.formats import blobs
-from tidstorage.tools.backup import BACKUP_LOCK, IDENTITY_FILE, data_files, tidlog_copies
+from tidstorage.formats.repozo import data_files
+from tidstorage.tools.common import BACKUP_LOCK, tidlog_copies
+from tidstorage.tools.identity import IDENTITY_FILE
 
 
 @pytest.fixture(autouse=True)

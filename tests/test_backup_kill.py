@@ -15,9 +15,11 @@ import time
 import pytest
 import zc.lockfile
 from persistent.mapping import PersistentMapping
-
 from support.fsfixtures import TIDSTORAGE, Site, digest, run_cli
-from tidstorage.tools.backup import BACKUP_LOCK, INTERRUPTED_DIR, data_files, format_timestamp
+
+from tidstorage.formats.repozo import data_files, format_timestamp
+from tidstorage.tools.backup import INTERRUPTED_DIR
+from tidstorage.tools.common import BACKUP_LOCK
 
 #: generous: a loaded machine
 LIMIT = 60.0

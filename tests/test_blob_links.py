@@ -10,9 +10,11 @@ import shutil
 import sys
 
 import pytest
-
 from support.fsfixtures import Site, read_counters, run_cli
+
 from tidstorage.formats import blobs
+
+
 @pytest.fixture(autouse=True)
 def _no_fsync_in_zodb(monkeypatch):
     monkeypatch.setattr(sys.modules["ZODB.FileStorage.FileStorage"], "fsync", None)

@@ -6,11 +6,13 @@ import sys
 
 import pytest
 import zc.lockfile
-
 from support.fsfixtures import Site, read_counters, run_cli, tree_state
-from tidstorage.formats import blobs
-from tidstorage.tools.backup import BACKUP_LOCK, data_files, run_backup, tidlog_copies
+
 from tidstorage.config import load_config
+from tidstorage.formats import blobs
+from tidstorage.formats.repozo import data_files
+from tidstorage.tools.backup import run_backup
+from tidstorage.tools.common import BACKUP_LOCK, tidlog_copies
 
 
 @pytest.fixture(autouse=True)

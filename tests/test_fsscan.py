@@ -20,15 +20,15 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage.FileStorage import FileIterator
 from ZODB.POSException import POSKeyError
-from ZODB.utils import p64
-from ZODB.utils import u64
-from ZODB.utils import z64
+from ZODB.utils import p64, u64, z64
 
 from tidstorage.formats import filestorage
-from tidstorage.formats.filestorage import CutPoint
-from tidstorage.formats.filestorage import ScanError
-from tidstorage.formats.filestorage import TxnHeader
-from tidstorage.formats.filestorage import UnsafeExtensionError
+from tidstorage.formats.filestorage import (
+    CutPoint,
+    ScanError,
+    TxnHeader,
+    UnsafeExtensionError,
+)
 
 MAXTID = (1 << 64) - 1
 

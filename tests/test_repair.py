@@ -7,14 +7,22 @@ import sys
 import pytest
 import transaction
 import zc.lockfile
+from support.fsfixtures import (
+    Site,
+    digest,
+    fsize_limit,
+    read_counters,
+    run_cli,
+    tree_state,
+)
 from ZODB import DB
 from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import u64
 
-from support.fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
-from tidstorage.formats import blobs
-from tidstorage.formats import filestorage
+from tidstorage.formats import blobs, filestorage
+
+
 @pytest.fixture(autouse=True)
 def _no_fsync_in_zodb(monkeypatch):
     monkeypatch.setattr(sys.modules["ZODB.FileStorage.FileStorage"], "fsync", None)
@@ -187,7 +195,8 @@ def test_a_repair_killed_between_two_cuts_is_resumed(tmp_path):
     import time
 
     from support.fsfixtures import TIDSTORAGE
-    from tidstorage.tools.restore import PAUSE_AFTER_CUT_ENV, PLAN_SUFFIX
+
+    from tidstorage.tools.repair import PAUSE_AFTER_CUT_ENV, PLAN_SUFFIX
 
     site, t = _crash_site(tmp_path)
     originals = {s: digest(site.data_fs(s)) for s in site.ids}
@@ -240,7 +249,8 @@ def test_a_plan_is_not_replayed_over_a_file_that_changed(tmp_path):
     import time
 
     from support.fsfixtures import TIDSTORAGE
-    from tidstorage.tools.restore import PAUSE_AFTER_CUT_ENV
+
+    from tidstorage.tools.repair import PAUSE_AFTER_CUT_ENV
 
     site, t = _crash_site(tmp_path)
     marker = tmp_path / "paused"

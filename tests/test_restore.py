@@ -16,12 +16,20 @@ import shutil
 import sys
 
 import pytest
+from support.fsfixtures import (
+    Site,
+    digest,
+    fsize_limit,
+    read_counters,
+    run_cli,
+    tree_state,
+)
 
-from support.fsfixtures import Site, digest, fsize_limit, read_counters, run_cli, tree_state
-from tidstorage.formats import filestorage
-from tidstorage.tools import verify
-from tidstorage.tools.backup import format_timestamp, run_backup, timestamp_seconds
 from tidstorage.config import load_config
+from tidstorage.formats import filestorage
+from tidstorage.formats.repozo import format_timestamp, timestamp_seconds
+from tidstorage.tools import verify
+from tidstorage.tools.backup import run_backup
 from tidstorage.tools.restore import run_restore
 
 
@@ -262,6 +270,22 @@ def test_missing_and_corrupt_repository_files(copy, tmp_path):
     assert "storage b:" in r.stderr  # every problem is reported at once
     shutil.rmtree(site.repo("a").with_name("a.blobs"))
     _fails_cleanly(site, [], "storage a: no blob backup at or before", tmp_path)
+
+
+def test_a_damaged_dat_is_reported_not_a_traceback(copy, tmp_path):
+    """Regression: a ``.dat`` that is not text (a bit flip, a disk error)
+    made restore and cleanup die with a UnicodeDecodeError traceback."""
+    site, _info = copy
+    dat = sorted(site.repo("c").glob("*.dat"))[-1]
+    text = dat.read_bytes()
+    dat.write_bytes(b"\xff\xfe" + text)
+    r = _fails_cleanly(site, [], f"storage c: {dat}: not a text file", tmp_path)
+    assert "Traceback" not in r.stderr
+    r = run_cli("cleanup", "-c", site.config, "--dry-run")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert f"{dat}: not a text file" in r.stdout
+    dat.write_bytes(text + b"only three fields\n")
+    _fails_cleanly(site, [], f"storage c: {dat}: malformed line 'only three fields'", tmp_path)
 
 
 def test_restore_in_place_refused_while_the_storage_is_open(copy):

@@ -8,9 +8,9 @@ import shutil
 import sys
 
 import pytest
-
 from support.fsfixtures import Site, read_counters, run_cli
-from tidstorage.tools.backup import MAX_ID_FILENAME, id_filename, id_from_filename
+
+from tidstorage.tools.common import MAX_ID_FILENAME, id_filename, id_from_filename
 
 ESCAPING = "../../x"
 LEGACY = "((('127.0.0.1', 8100),), '1')"

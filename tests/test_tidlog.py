@@ -40,7 +40,7 @@ def write_lines(path, *lines: bytes) -> None:
 
 def line_with_valid_crc(obj: dict) -> bytes:
     """A JSON line for `obj` (without "crc") with a correct crc added."""
-    dumps = lambda o: json.dumps(o, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    dumps = lambda o: json.dumps(o, sort_keys=True, separators=(",", ":"))
     crc = format(zlib.crc32(dumps(obj).encode()), "08x")
     return dumps({**obj, "crc": crc}).encode() + b"\n"
 

@@ -7,12 +7,12 @@ import sys
 import time
 
 import pytest
+from support.fsfixtures import Site, raw_commit, run_cli
 from ZODB.FileStorage import FileStorage
 
-from support.fsfixtures import Site, raw_commit, run_cli
+from tidstorage.core.stamps import stamp_value
 from tidstorage.formats import filestorage
 from tidstorage.tools import verify
-from tidstorage.core.stamps import stamp_value
 
 
 @pytest.fixture(autouse=True)

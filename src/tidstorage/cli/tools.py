@@ -24,7 +24,7 @@ _WINDOW = click.option("--window", type=click.FloatRange(min=1.0), default=3600.
                        help="Seconds of TID time read before each storage's cut.")
 _FORCE_CUT = click.option("--force-cut", is_flag=True,
                           help="Cut even if the stamp check lowers a cut by more than "
-                               "restore.MAX_CUT_LOWERING (1 hour of commits) below the TID "
+                               "cut.MAX_CUT_LOWERING (1 hour of commits) below the TID "
                                "log's point (refused by default: a sign of a foreign or "
                                "swapped repository or TID log).")
 
@@ -37,7 +37,13 @@ class _BackupProgress:
 
     def __init__(self, ids):
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -134,8 +140,9 @@ def backup(config_path, full, gzip, quick, jobs, as_json):
 def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
             force_cut):
     """Restore every storage from its backups, cut coherently."""
-    from ..tools.backup import parse_date
-    from ..tools.restore import CACHE_NOTE, run_restore
+    from ..formats.repozo import parse_date
+    from ..tools.cut import CACHE_NOTE
+    from ..tools.restore import run_restore
 
     if date is not None:
         try:
@@ -180,7 +187,8 @@ def repair(config_path, tidlog, window, force_cut):
     is recorded first (Data.fs.repair-plan): an interrupted repair is
     resumed by running it again.
     """
-    from ..tools.restore import CACHE_NOTE, run_repair
+    from ..tools.cut import CACHE_NOTE
+    from ..tools.repair import run_repair
 
     config = _load(config_path)
     with _Errors():
@@ -199,7 +207,7 @@ def repair(config_path, tidlog, window, force_cut):
 
 
 def _parse_files(specs) -> dict[str, Path]:
-    from ..tools.backup import id_from_filename
+    from ..tools.common import id_from_filename
 
     out = {}
     for spec in specs:
@@ -234,7 +242,7 @@ def verify(config_path, files, tidlog, compute, as_json, window):
     """
     from ..formats.filestorage import find_cut
     from ..tools import verify as v
-    from ..tools.restore import _read_tids
+    from ..tools.cut import tidlog_tids
 
     if files:
         paths = _parse_files(files)
@@ -251,7 +259,7 @@ def verify(config_path, files, tidlog, compute, as_json, window):
         _fail("give -c FILE or --files", EXIT_USAGE)
     msgs = []
     with _Errors():
-        cut = _read_tids(tidlog.resolve(), paths, msgs.append) if tidlog else None
+        cut = tidlog_tids(tidlog.resolve(), paths, msgs.append) if tidlog else None
         report = v.check(paths, cut, window=window, compute=compute)
         coherent_cut = {}
         if compute:
@@ -334,7 +342,7 @@ def adopt(config_path, tidlogs, force, dry_run):
     the legacy tool) are refused by backup, restore and cleanup until
     adopted. Refuses what already belongs to another set or storage.
     """
-    from ..tools.backup import adopt as run_adopt
+    from ..tools.identity import adopt as run_adopt
 
     config = _load(config_path)
     with _Errors():

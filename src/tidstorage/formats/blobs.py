@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import filecmp
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,45 +40,28 @@ from ZODB.blob import FilesystemHelper
 from ZODB.utils import u64
 
 from ..errors import TidstorageError
+from .durable import fsync_dir, fsync_file
+from .repozo import TIMESTAMP_RE
 
 __all__ = [
     "SNAPSHOT_NAME",
     "BlobTreeError",
-    "SnapshotResult",
     "PruneResult",
-    "fsync_dir",
-    "fsync_file",
-    "list_snapshots",
-    "latest_snapshot",
-    "snapshot",
+    "SnapshotResult",
     "blob_files",
-    "prune",
     "copy_tree",
+    "latest_snapshot",
+    "list_snapshots",
+    "prune",
+    "snapshot",
 ]
 
 #: Snapshot directory names: the backup's UTC timestamp (repozo's format).
-SNAPSHOT_NAME = re.compile(r"\d{4}(?:-\d\d){5}")
+SNAPSHOT_NAME = TIMESTAMP_RE
 #: Suffix of a snapshot being written (renamed when complete).
 PARTIAL_SUFFIX = ".partial"
 _TMP_DIR = "tmp"  # FilesystemHelper.temp_dir: uploads in progress
 _LAYOUT_MARKER = ".layout"
-
-
-def fsync_dir(path) -> None:
-    """fsync a directory (its entries)."""
-    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path) -> None:
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_file(src: str, dst: str, fsync: bool) -> int:

@@ -86,26 +86,27 @@ import os
 import pickle
 import struct
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import zodbpickle.pickle
 from ZODB.FileStorage.format import DATA_HDR, DATA_HDR_LEN, TRANS_HDR, TRANS_HDR_LEN
 
 from ..errors import ScanError
+from .durable import fsync_dir
 
 __all__ = [
-    "ScanError",
-    "UnsafeExtensionError",
-    "TxnHeader",
+    "MAGICS",
     "CutPoint",
+    "ScanError",
+    "TxnHeader",
+    "UnsafeExtensionError",
+    "find_cut",
     "iter_backward",
     "iter_forward",
-    "find_cut",
-    "tail_transactions",
     "last_tid",
+    "tail_transactions",
     "truncate_at",
-    "MAGICS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -743,7 +744,9 @@ def truncate_at(path, offset: int) -> None:
             continue
         removed.append(path + suffix)
     if removed:
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        # Durable before the truncation: a crash must not leave a stale
+        # index beside the cut file (raises OSError: then nothing is cut).
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     fd = os.open(path, os.O_RDWR)
     try:
@@ -753,16 +756,3 @@ def truncate_at(path, offset: int) -> None:
         os.close(fd)
     logger.info("%s: truncated from %d to %d bytes%s", path, size, offset,
                 f" (removed {', '.join(removed)})" if removed else "")
-
-
-def _fsync_dir(dirname):
-    try:
-        fd = os.open(dirname, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without dir fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

@@ -76,14 +76,15 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time as _time
 import tokenize
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Self
 
 from ..errors import TidLogError
+from .durable import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -451,8 +452,9 @@ def check_log(path: PathLike) -> CheckReport:
     scan = _scan_log(name)
     contents = scan.contents
     if scan.error is not None:
-        problems.append((scan.error.lineno, f"corrupt line: {scan.error.reason}; checking "
-                         "stops here (`tidstorage log recover` keeps the records before it)"))
+        problems.append((scan.error.lineno, (
+            f"corrupt line: {scan.error.reason}; checking stops here (`tidstorage log "
+            "recover` keeps the records before it)")))
     warnings: list[tuple[int, str]] = []
     state: dict[str, int] = {}
     previous_time: float | None = None
@@ -468,14 +470,6 @@ def check_log(path: PathLike) -> CheckReport:
         ok=not problems, problems=problems, final_tids=state, records=len(contents.records),
         warnings=warnings,
     )
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rewrite_full(src: PathLike, dst: PathLike) -> int:
@@ -499,37 +493,8 @@ def rewrite_full(src: PathLike, dst: PathLike) -> int:
     for record in read_log(src_name).records:
         fold_record(state, record)
         lines.append(encode_record(record.time, KIND_FULL, state))
-    _replace_file(dst_name, b"".join(lines))
+    atomic_write(dst_name, b"".join(lines), mode=FILE_MODE)
     return len(lines)
-
-
-def _replace_file(dst_name: str, data: bytes, keep: str | None = None) -> None:
-    """Write `dst_name` atomically (temporary file, fsync, rename, fsync of
-    the directory), keeping the permissions of a replaced file.  With
-    `keep`, the file replaced is hard-linked there first (it must not
-    exist): the original stays, whole, under that name."""
-    try:
-        mode = os.stat(dst_name).st_mode & 0o777  # keep the permissions of a replaced file
-    except FileNotFoundError:
-        mode = FILE_MODE
-    directory = os.path.dirname(os.path.abspath(dst_name))
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst_name)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
-            os.fsync(tmp.fileno())
-        if keep is not None:
-            os.link(dst_name, keep)
-        os.replace(tmp_name, dst_name)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
 
 
 @dataclass
@@ -575,10 +540,10 @@ def recover_log(src: PathLike, dst: PathLike | None = None) -> RecoverResult:
         keep = f"{src_name}.corrupt-{int(_time.time())}"
         while os.path.lexists(keep):
             keep += "+"
-        _replace_file(src_name, prefix, keep=keep)
+        atomic_write(src_name, prefix, mode=FILE_MODE, keep=keep)
         result.original = keep
     else:
-        _replace_file(dst_name, prefix)
+        atomic_write(dst_name, prefix, mode=FILE_MODE)
     return result
 
 
@@ -877,7 +842,7 @@ class TidLogWriter:
         finally:
             self._close_fd()
 
-    def __enter__(self) -> TidLogWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -34,32 +34,29 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, ConfigError
+from ..errors import ToolError
 from ..formats import blobs
-from .backup import (
+from ..formats import repozo as rz
+from ..formats.durable import atomic_write
+from .common import (
     BACKUP_LOCK,
-    FULL_EXTS,
-    TIMESTAMP_RE,
+    Echo,
     Lock,
-    ToolError,
-    atomic_write,
     blob_backup_dir,
-    check_identities,
-    data_files,
+    quiet,
     read_timestamps,
     require,
-    tidlog_copies,
-    tidlog_identity_path,
+    require_storages,
+    set_tidlog_copies,
 )
+from .identity import check_identities, tidlog_identity_path
+from .restore import backup_problems
 
 __all__ = ["CleanupPlan", "plan_cleanup", "run_cleanup"]
-
-_REPO_SUFFIXES = (".fs", ".fsz", ".deltafs", ".deltafsz", ".dat", ".index")
-
 
 @dataclass
 class CleanupPlan:
@@ -92,16 +89,8 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _chain_start(repo: Path, date: str) -> str | None:
-    """Timestamp of the full backup the chain as of ``date`` starts with."""
-    fulls = [n[:19] for n in data_files(repo) if n.endswith(FULL_EXTS) and n[:19] <= date]
-    return fulls[-1] if fulls else None
-
-
 def _choose_kept(config: Config, stamps: list[str], keep: int,
                  plan: CleanupPlan) -> list[str]:
-    from .restore import backup_problems
-
     good = []
     for ts in stamps:
         problems = backup_problems(config, ts)
@@ -112,7 +101,7 @@ def _choose_kept(config: Config, stamps: list[str], keep: int,
     fulls = []
     for i, ts in enumerate(good):
         previous = good[i - 1] if i else ""
-        if all((_chain_start(st.backup_dir, ts) or "") > previous
+        if all((rz.chain_start(st.backup_dir, ts) or "") > previous
                for st in config.storages.values()):
             fulls.append(ts)
     start = fulls[-keep] if len(fulls) >= keep else (good[0] if good else None)
@@ -124,8 +113,7 @@ def _choose_kept(config: Config, stamps: list[str], keep: int,
 
 
 def plan_cleanup(config: Config, keep: int | None = None) -> CleanupPlan:
-    if not config.storages:
-        raise ConfigError(f"{config.path}: storages: no storage configured")
+    require_storages(config)
     keep = config.backup.keep_full_backups if keep is None else keep
     if keep < 1:
         raise ConfigError(f"--keep must be at least 1, not {keep}")
@@ -145,11 +133,11 @@ def plan_cleanup(config: Config, keep: int | None = None) -> CleanupPlan:
         return plan
     for sid, st in sorted(config.storages.items()):
         repo = st.backup_dir
-        oldest = min(_chain_start(repo, ts) for ts in kept)
+        oldest = min(rz.chain_start(repo, ts) for ts in kept)
         plan.oldest_kept[sid] = oldest
         for name in sorted(os.listdir(repo)):
-            root, ext = os.path.splitext(name)
-            if ext in _REPO_SUFFIXES and TIMESTAMP_RE.fullmatch(root) and root < oldest:
+            date = rz.repository_file_date(name)
+            if date is not None and date < oldest:
                 plan.delete.append(repo / name)
         snaps_dir = blob_backup_dir(repo)
         snaps = blobs.list_snapshots(snaps_dir)
@@ -160,8 +148,7 @@ def plan_cleanup(config: Config, keep: int | None = None) -> CleanupPlan:
         if snaps_dir.is_dir():
             plan.delete += sorted(p for p in snaps_dir.iterdir()
                                   if p.name.endswith(blobs.PARTIAL_SUFFIX) and p.is_dir())
-    base = config.server.status_file.name if config.server.status_file else None
-    copies = tidlog_copies(config.backup.status_file_backup_dir, base)
+    copies = set_tidlog_copies(config)
     needed = [[c for c, _ in copies if c <= ts][-1:] for ts in kept]
     if copies and all(needed):
         anchor = min(n[0] for n in needed)
@@ -175,7 +162,7 @@ def plan_cleanup(config: Config, keep: int | None = None) -> CleanupPlan:
 
 
 def run_cleanup(config: Config, keep: int | None = None, *, dry_run: bool = False,
-                echo: Callable[[str], None] = lambda _: None) -> CleanupPlan:
+                echo: Echo = quiet) -> CleanupPlan:
     """Prune ``timestamp_file``, then delete (or, with ``dry_run``, list)
     what :func:`plan_cleanup` finds."""
     lock_dir = config.backup.status_file_backup_dir
@@ -189,8 +176,7 @@ def run_cleanup(config: Config, keep: int | None = None, *, dry_run: bool = Fals
             echo(f"backup {ts}: {verb} be removed from {config.backup.timestamp_file} ({why})")
         if plan.pruned and not dry_run:
             # First, so that it never lists a backup whose files are gone.
-            data = "".join(f"{ts}\n" for ts in plan.kept).encode()
-            atomic_write(config.backup.timestamp_file, data)
+            atomic_write(config.backup.timestamp_file, "".join(f"{ts}\n" for ts in plan.kept))
         verb = "would delete" if dry_run else "deleting"
         for path in plan.delete:
             echo(f"{verb} {path}")

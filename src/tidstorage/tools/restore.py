@@ -1,301 +1,87 @@
-"""``tidstorage restore`` and ``tidstorage repair``, and the cut they share.
-
-The cut
--------
-
-Each ``Data.fs`` is cut just after its last transaction whose TID is <= the
-storage's TID in a TID log (:func:`tidstorage.formats.filestorage.find_cut`: a backward
-walk from the end).  Then the stamps in the files' tails are checked
-(:func:`tidstorage.tools.verify.check`): if the TID log's point splits a
-multi-storage transaction (a stale or damaged log), the cut is lowered to the
-largest coherent one, and the output says so -- by at most
-:data:`MAX_CUT_LOWERING` without ``--force-cut``.  After cutting, the files
-are checked again.  Blob files of the revisions dropped by the cut are pruned.
-
-Restore
--------
+"""``tidstorage restore``: the backup set back, cut coherently.
 
 From the repozo repositories, as of the last backup recorded in
 ``timestamp_file`` (or the last one at or before ``--date``); with the TID
-log copy saved by that backup (or ``-t``).  The repositories and the TID
-log must be this set's (see "Identity" in :mod:`tidstorage.tools.backup`).
-Everything is checked before anything is written (the recorded backup still
-restorable, repository files listed by repozo's ``.dat`` present
-and of the right size; the checksums are verified by ``repozo -R -w`` while
-it recovers, which costs no extra read).  Each storage is recovered into a
-temporary file in the destination directory, cut, then renamed over the
-destination (``--force`` needed if it exists, which is then kept as
-``<file>.before-restore``, a hard link); the stale ``.index`` is
-removed first, so a restored ``Data.fs`` never sits beside an index of
-another file.  Any failure removes the temporary files: the destination is
-as it was.
+log copy saved by that backup (or ``-t``), cut as :mod:`tidstorage.tools.cut`
+says.  The repositories and the TID log must be this set's (see
+:mod:`tidstorage.tools.identity`).  Everything is checked before anything is
+written (the recorded backup still restorable, repository files listed by
+repozo's ``.dat`` present and of the right size:
+:func:`tidstorage.formats.repozo.verified_chain`; the checksums are verified
+by ``repozo -R -w`` while it recovers, which costs no extra read).  Each
+storage is recovered into a temporary file in the destination directory,
+cut, then renamed over the destination (``--force`` needed if it exists,
+which is then kept as ``<file>.before-restore``, a hard link); the stale
+``.index`` is removed first, so a restored ``Data.fs`` never sits beside an
+index of another file.  Any failure removes the temporary files: the
+destination is as it was.
 
-Repair
-------
+``--check`` restores into temporary directories beside the live files,
+compares (:func:`_compare`), and deletes them.
 
-In place, after a crash: each live ``Data.fs`` is cut at its published TID
-in the daemon's TID log (or ``-t``).  Refused while a process holds a
-storage's ``Data.fs.lock``; the locks are held during the repair.  Before a
-file is cut, it is copied to ``Data.fs.before-repair`` and the copy is
-checked (size, SHA-256 read back from disk); pruned blob files are moved to
-``<blob_dir>.before-repair``.  A leftover safety copy is never overwritten:
-the repair refuses and says what to do.  Resumable: the plan is recorded
-beside each ``Data.fs`` before anything changes, and a re-run replays it
-(see :func:`run_repair`).  Re-running a finished repair changes nothing.
+``tidstorage repair`` lives in :mod:`tidstorage.tools.repair`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import json
-import math
 import os
 import shutil
 import subprocess
 import tempfile
-import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, ConfigError, StorageConfig
-from ..core.tids import tid_seconds
+from ..config import Config, ConfigError
+from ..errors import ToolError
 from ..formats import blobs, filestorage
-from ..formats.filestorage import CutPoint, ScanError
-from ..formats.tidlog import read_log
+from ..formats import repozo as rz
+from ..formats.durable import fsync_dir, fsync_file, sha256_file
+from ..formats.filestorage import ScanError
 from . import verify
-from .backup import (
-    FULL_EXTS,
+from .common import (
+    Echo,
     Lock,
-    ToolError,
     blob_backup_dir,
-    check_identities,
-    check_tidlog_identity,
-    data_files,
     id_filename,
-    parse_date,
+    os_error_text,
+    quiet,
     read_timestamps,
-    repozo_argv,
     require,
-    tidlog_copies,
+    require_storages,
+    safety_copy,
+    same_bytes,
+    set_tidlog_copies,
 )
+from .cut import (
+    CACHE_NOTE,
+    CutDecision,
+    confirm_cuts,
+    decide_cuts,
+    describe_cut,
+    post_check,
+    tidlog_tids,
+)
+from .identity import check_identities, check_tidlog_identity
 
 __all__ = [
     "CACHE_NOTE",
-    "SAFETY_SUFFIX",
-    "CutDecision",
-    "decide_cuts",
-    "StorageRestore",
+    "RESTORE_SAFETY_SUFFIX",
     "RestoreResult",
+    "StorageRestore",
+    "backup_problems",
+    "migrate_output_names",
+    "output_paths",
     "run_restore",
-    "RepairResult",
-    "run_repair",
 ]
 
-Echo = Callable[[str], None]
+# Kept importable from here for the modules outside the tools' scope that
+# still name it here (demo/, tests/support/torture.py); its home is repair.py.
+from .repair import run_repair  # noqa: F401
 
-CACHE_NOTE = (
-    "ZEO clients that were connected to these storages hold newer data than the "
-    "server now has: stop them, delete their persistent caches (*.zec files) and "
-    "blob caches, then restart them (otherwise they fail with \"Server behind client\")."
-)
-
-#: Suffix of repair's safety copy of a Data.fs (and of the pruned blobs dir).
-SAFETY_SUFFIX = ".before-repair"
 #: Suffix under which restore keeps a file (or blob directory) it replaces.
 RESTORE_SAFETY_SUFFIX = ".before-restore"
 _RESTORE_TMP = ".tidstorage-restore"
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def _err(exc: OSError) -> str:
-    text = exc.strerror or str(exc)
-    if exc.filename:
-        text += f": {exc.filename}"
-    return text
-
-
-# ---------------------------------------------------------------------------
-# The cut
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class CutDecision:
-    """Where one storage's Data.fs is cut."""
-
-    id: str
-    path: Path
-    size: int
-    tid: int                  #: the TID log's TID
-    final_tid: int            #: after lowering to the largest coherent cut
-    point: CutPoint           #: find_cut(path, final_tid)
-    log_point: CutPoint       #: find_cut(path, tid)
-
-    @property
-    def lowered(self) -> bool:
-        return self.point.offset != self.log_point.offset
-
-    @property
-    def changes(self) -> bool:
-        return self.point.offset != self.size
-
-
-#: How far, in seconds of TID time, the stamp check may lower a storage's cut
-#: below the TID log's point without ``--force-cut``.  A TID log that
-#: describes these files splits only transactions in flight around its point
-#: (seconds), or, for a log newer than the backup (``-t``), those committed
-#: while the backup ran; an hour covers both for ordinary sets (it is also
-#: the default verify window).  Lowering further means that the TID log or
-#: the files are not what they claim (another deployment's repository, two
-#: storages' repositories swapped): the cut would empty the files.  A cut
-#: that would leave nothing where the TID log's point keeps transactions is
-#: always beyond the bound.
-MAX_CUT_LOWERING = 3600.0
-
-
-def _lowering(d: CutDecision) -> float:
-    """Seconds of TID time the cut was lowered by (inf: to an empty file)."""
-    if not d.lowered or d.log_point.last_tid is None:
-        return 0.0
-    if d.point.last_tid is None:
-        return math.inf
-    return tid_seconds(d.log_point.last_tid) - tid_seconds(d.point.last_tid)
-
-
-def _refuse_deep_lowering(cuts: dict[str, CutDecision]) -> None:
-    deep = [d for d in cuts.values() if _lowering(d) > MAX_CUT_LOWERING]
-    if not deep:
-        return
-    lines = []
-    for d in sorted(deep, key=lambda d: d.id):
-        how = ("to an empty file" if d.point.last_tid is None
-               else f"by {_lowering(d) / 3600:.1f} hours of commits, to "
-                    f"{verify.format_tid(d.point.last_tid)}")
-        lines.append(f"storage {d.id}: the stamp check would lower the cut {how} instead of "
-                     f"{verify.format_tid(d.log_point.last_tid)} "
-                     f"({d.point.dropped - d.log_point.dropped} more transaction(s) dropped)")
-    raise ToolError("\n".join(lines + [
-        f"that is more than the {MAX_CUT_LOWERING / 3600:g} hour(s) a TID log of these files "
-        "can be off by: the TID log or a repository is probably not this set's (another "
-        "deployment's, or two storages' swapped); nothing was changed. Check, then use "
-        "--force-cut to cut that low anyway"]))
-
-
-def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
-                echo: Echo = _quiet, force_cut: bool = False,
-                ) -> tuple[dict[str, CutDecision], verify.VerifyReport]:
-    """Cut points at ``tids``, lowered to the largest coherent cut if needed.
-
-    Raises :class:`ToolError` if that lowers a cut by more than
-    :data:`MAX_CUT_LOWERING` (unless ``force_cut``).  Also returns the
-    verification report (splits at ``tids``, what was read).
-    """
-    report = verify.check(paths, cut=tids, window=window, compute=True)
-    for w in report.windows.values():
-        if w.warning:
-            echo(f"warning: {w.warning}")
-    if report.splits:
-        echo(f"the TID log's point splits {len(report.splits)} multi-storage "
-             "transaction(s):")
-        for sp in report.splits[:20]:
-            echo(f"  {verify.describe_split(sp)}")
-        if len(report.splits) > 20:
-            echo(f"  ... and {len(report.splits) - 20} more")
-    out = {}
-    for s, path in sorted(paths.items()):
-        log_point = filestorage.find_cut(path, tids[s])
-        final = report.coherent[s]
-        point = log_point if final >= tids[s] else filestorage.find_cut(path, max(final, 0))
-        d = CutDecision(s, path, path.stat().st_size, tids[s], final, point, log_point)
-        if log_point.warning:
-            echo(f"warning: {log_point.warning}")
-        last = filestorage.last_tid(path)
-        if last is not None and tids[s] > last:
-            echo(f"note: storage {s}: the TID log's TID {verify.format_tid(tids[s])} is after "
-                 f"the last transaction of {path} ({verify.format_tid(last)})")
-        if d.lowered:
-            echo(f"storage {s}: cut LOWERED to the largest coherent cut: keeps up to "
-                 f"{verify.format_tid(point.last_tid)} instead of "
-                 f"{verify.format_tid(log_point.last_tid)} "
-                 f"({point.dropped - log_point.dropped} more transaction(s) dropped)")
-        out[s] = d
-    if not force_cut:
-        _refuse_deep_lowering(out)
-    return out, report
-
-
-def confirm_cuts(cuts: dict[str, CutDecision], *, window: float,
-                 echo: Echo = _quiet) -> None:
-    """After truncation: check that each file ends where it was cut, then
-    verify the cut files again (their tails are read anew).  Raises
-    :class:`ToolError` if a file is not as intended or a transaction is
-    still split."""
-    for s, d in sorted(cuts.items()):
-        size = d.path.stat().st_size
-        last = filestorage.last_tid(d.path)
-        if size != d.point.offset or last != d.point.last_tid:
-            raise ToolError(f"storage {s}: {d.path} is {size} bytes ending with "
-                            f"{verify.format_tid(last)} after cutting, expected "
-                            f"{d.point.offset} bytes ending with "
-                            f"{verify.format_tid(d.point.last_tid)}")
-    after = verify.check({s: d.path for s, d in cuts.items()}, window=window)
-    if after.splits:
-        for sp in after.splits:
-            echo(f"verify: SPLIT {verify.describe_split(sp)}")
-        raise ToolError(f"after cutting, {len(after.splits)} transaction(s) are still split")
-    echo(f"verify: coherent ({_scanned(after)})")
-
-
-def _post_check(paths: dict[str, Path], window: float, echo: Echo) -> bool:
-    """Verify files that were not cut (restore --no-cut): report only."""
-    report = verify.check(paths, window=window)
-    if report.ok:
-        echo(f"verify: coherent ({_scanned(report)})")
-        return True
-    for sp in report.splits:
-        echo(f"verify: SPLIT {verify.describe_split(sp)}")
-    return False
-
-
-def _scanned(report: verify.VerifyReport) -> str:
-    return ", ".join(f"{s}: {w.transactions} transactions read" for s, w in
-                     sorted(report.windows.items()))
-
-
-def _read_tids(path: Path, storages, echo: Echo) -> dict[str, int]:
-    if not path.exists():
-        raise ToolError(f"TID log {path} does not exist")
-    contents = read_log(path)
-    if contents.torn_tail:
-        echo(f"warning: {path}:{contents.torn_tail[0]}: ignored torn last line")
-    tids = contents.final_tids()
-    missing = sorted(set(storages) - set(tids))
-    if missing:
-        raise ToolError(f"storage(s) {', '.join(missing)} missing from TID log {path} "
-                        f"(it has: {', '.join(sorted(tids)) or 'nothing'}); nothing was changed")
-    return {s: tids[s] for s in storages}
-
-
-def _describe_cut(d: CutDecision, shown: Path | None = None) -> str:
-    p = d.point
-    shown = shown or d.path
-    if not d.changes:
-        return (f"storage {d.id}: {shown}: nothing after {verify.format_tid(p.last_tid)}, "
-                "not cut")
-    return (f"storage {d.id}: {shown}: cut at offset {p.offset} of {d.size} after "
-            f"{verify.format_tid(p.last_tid)}: {p.dropped} transaction(s), "
-            f"{d.size - p.offset} bytes dropped")
-
-
-# ---------------------------------------------------------------------------
-# Restore
-# ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -344,18 +130,17 @@ def backup_problems(config: Config, date: str, *, tidlog_copy: bool = True) -> l
     out = []
     for sid, st in sorted(config.storages.items()):
         try:
-            _repository_files(sid, st.backup_dir, date)
-        except ToolError as exc:
-            out.append(str(exc))
+            rz.verified_chain(st.backup_dir, date)
+        except rz.RepositoryError as exc:
+            out.append(f"storage {sid}: {exc}")
         if st.blob_dir is not None and blobs.latest_snapshot(
                 blob_backup_dir(st.backup_dir), at_most=date) is None:
             out.append(f"storage {sid}: no blob backup at or before {date} in "
                        f"{blob_backup_dir(st.backup_dir)}")
     directory = config.backup.status_file_backup_dir
-    if tidlog_copy and directory is not None:
-        base = config.server.status_file.name if config.server.status_file else None
-        if not [ts for ts, _ in tidlog_copies(directory, base) if ts <= date]:
-            out.append(f"no TID log copy at or before {date} in {directory}")
+    if (tidlog_copy and directory is not None
+            and not [ts for ts, _ in set_tidlog_copies(config) if ts <= date]):
+        out.append(f"no TID log copy at or before {date} in {directory}")
     return out
 
 
@@ -368,7 +153,7 @@ def _choose_date(config: Config, date: str | None, echo: Echo, *,
                             f"{config.backup.timestamp_file}: give --date")
         chosen = stamps[-1]
     else:
-        wanted = parse_date(date)
+        wanted = rz.parse_date(date)
         if not stamps:
             echo(f"note: no backup recorded in {config.backup.timestamp_file}; "
                  f"restoring the repositories as of {wanted}")
@@ -386,13 +171,13 @@ def _choose_date(config: Config, date: str | None, echo: Echo, *,
         hint = (f"restorable recorded backups: {', '.join(others[-5:])}"
                 + (" (and older)" if len(others) > 5 else "") + " (use --date)"
                 if others else "no recorded backup is restorable")
-        raise ToolError("\n".join(
-            [f"backup {chosen}, recorded in {config.backup.timestamp_file}, cannot be "
-             "restored any more:"] + [f"  {p}" for p in problems]
-            + [f"its files were deleted or damaged since it was recorded; {hint}; "
-               "`tidstorage cleanup` removes such entries; nothing was changed"]))
-    if date is not None and chosen != parse_date(date):
-        echo(f"restoring the last complete backup at or before {parse_date(date)}: {chosen}")
+        raise ToolError("\n".join([
+            (f"backup {chosen}, recorded in {config.backup.timestamp_file}, cannot be "
+             "restored any more:"), *[f"  {p}" for p in problems],
+            (f"its files were deleted or damaged since it was recorded; {hint}; "
+             "`tidstorage cleanup` removes such entries; nothing was changed")]))
+    if date is not None and chosen != rz.parse_date(date):
+        echo(f"restoring the last complete backup at or before {rz.parse_date(date)}: {chosen}")
     return chosen
 
 
@@ -400,71 +185,16 @@ def _choose_tidlog(config: Config, date: str, tidlog: Path | None) -> Path:
     if tidlog is not None:
         return tidlog
     directory = config.backup.status_file_backup_dir
-    base = config.server.status_file.name if config.server.status_file else None
-    copies = [p for ts, p in tidlog_copies(directory, base) if ts <= date]
+    copies = [p for ts, p in set_tidlog_copies(config) if ts <= date]
     if not copies:
         raise ToolError(f"no TID log copy at or before {date} in {directory}: give a TID "
                         "log with -t, or restore without cutting (--no-cut)")
     return copies[-1]
 
 
-def _repository_files(sid: str, repo: Path, date: str) -> list[str]:
-    """The repozo files recovering ``repo`` as of ``date``, after checking
-    them against the chain's ``.dat`` (presence, sizes, continuity)."""
-    if not repo.is_dir():
-        raise ToolError(f"storage {sid}: backup directory {repo} does not exist")
-    needed = []
-    for name in reversed(data_files(repo)):
-        if name[:19] <= date:
-            needed.append(name)
-            if name.endswith(FULL_EXTS):
-                break
-    needed.reverse()
-    if not needed:
-        raise ToolError(f"storage {sid}: no backup at or before {date} in {repo}")
-    if not needed[0].endswith(FULL_EXTS):
-        raise ToolError(f"storage {sid}: no full backup at or before {date} in {repo} "
-                        f"(only incremental files: {needed[0]} ...)")
-    dat = repo / (needed[0][:19] + ".dat")
-    try:
-        lines = [ln.split() for ln in dat.read_text().splitlines() if ln.strip()]
-    except FileNotFoundError:
-        raise ToolError(f"storage {sid}: {dat} is missing (repozo's list of the files "
-                        f"of the backup chain starting at {needed[0]})") from None
-    listed = {}
-    end = 0
-    for fields in lines:
-        if len(fields) != 4:
-            raise ToolError(f"storage {sid}: {dat}: malformed line {' '.join(fields)!r}")
-        name = os.path.basename(fields[0])
-        try:
-            start, stop = int(fields[1]), int(fields[2])
-        except ValueError:
-            raise ToolError(f"storage {sid}: {dat}: malformed line {' '.join(fields)!r}") from None
-        if name[:19] > date:
-            break
-        if start != end:
-            raise ToolError(f"storage {sid}: {dat}: {name} starts at {start}, the previous "
-                            f"file ends at {end}: the chain is broken")
-        end = stop
-        listed[name] = stop - start
-        path = repo / name
-        if not path.exists():
-            raise ToolError(f"storage {sid}: repository file {path} is missing")
-        if not name.endswith("z") and path.stat().st_size != stop - start:
-            raise ToolError(f"storage {sid}: repository file {path} is "
-                            f"{path.stat().st_size} bytes, should be {stop - start} "
-                            "(corrupt or truncated)")
-    for name in needed:
-        if name not in listed:
-            raise ToolError(f"storage {sid}: repository file {repo / name} is not listed in "
-                            f"{dat}: cannot verify it")
-    return needed
-
 
 def _check_config(config: Config, *, output_dir, check: bool, date, no_cut, tidlog) -> None:
-    if not config.storages:
-        raise ConfigError(f"{config.path}: storages: no storage configured")
+    require_storages(config)
     if date is None:
         require(config.backup.timestamp_file, "backup.timestamp_file",
                 "restore (or give --date)")
@@ -482,9 +212,9 @@ def _plan(config, date, tids, output_dir, check_dirs) -> dict[str, StorageRestor
     plans, errors = {}, []
     for sid, st in sorted(config.storages.items()):
         try:
-            files = _repository_files(sid, st.backup_dir, date)
-        except ToolError as exc:
-            errors.append(str(exc))
+            files = rz.verified_chain(st.backup_dir, date)
+        except rz.RepositoryError as exc:
+            errors.append(f"storage {sid}: {exc}")
             continue
         snap = None
         if st.blob_dir is not None:
@@ -515,7 +245,7 @@ def output_paths(directory: Path, storage_id: str) -> tuple[Path, Path]:
     return directory / f"{name}.fs", directory / f"{name}.blobs"
 
 
-def migrate_output_names(directory: Path, ids, echo: Echo = _quiet) -> list[tuple[Path, Path]]:
+def migrate_output_names(directory: Path, ids, echo: Echo = quiet) -> list[tuple[Path, Path]]:
     """Rename what an earlier restore ``--output-dir`` wrote under the raw
     id (before ids were quoted) to the quoted name, so that it is found
     (and protected: replacing it still needs ``--force``).  Only names that
@@ -539,7 +269,7 @@ def migrate_output_names(directory: Path, ids, echo: Echo = _quiet) -> list[tupl
             done.append((old, new))
             echo(f"note: renamed {old} (named the old way) to {new}")
     if done:
-        blobs.fsync_dir(directory)
+        fsync_dir(directory)
     return done
 
 
@@ -581,9 +311,8 @@ def _cleanup(r: StorageRestore) -> None:
 def _recover(r: StorageRestore, date: str) -> None:
     r.target.parent.mkdir(parents=True, exist_ok=True)
     _cleanup(r)  # leftovers of an interrupted restore: ours, never the user's
-    argv = repozo_argv() + ["-R", "-w", "-r", str(r.repository), "-D", date, "-o", str(r.tmp)]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          stdin=subprocess.DEVNULL)
+    argv = rz.repozo_argv() + ["-R", "-w", "-r", str(r.repository), "-D", date, "-o", str(r.tmp)]
+    proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0 or not r.tmp.exists():
         err = proc.stderr.decode(errors="replace").strip()
         last = err.splitlines()[-1] if err else f"exit status {proc.returncode}"
@@ -593,13 +322,13 @@ def _recover(r: StorageRestore, date: str) -> None:
             r.blob_files, _ = blobs.copy_tree(r.snapshot, r.blob_tmp)
         except OSError as exc:
             raise ToolError(f"storage {r.id}: cannot copy blobs from {r.snapshot}: "
-                            f"{_err(exc)}") from None
+                            f"{os_error_text(exc)}") from None
 
 
 def _install(r: StorageRestore) -> None:
     """Rename the restored files over the target (the stale index first)."""
     parent = r.target.parent
-    blobs.fsync_file(r.tmp)  # repozo -R does not fsync what it writes
+    fsync_file(r.tmp)  # repozo -R does not fsync what it writes
     for suffix in (".index", ".index.index_tmp"):
         Path(f"{r.target}{suffix}").unlink(missing_ok=True)
     if os.path.lexists(r.target):  # keep what is replaced: a hard link, the same bytes
@@ -610,15 +339,15 @@ def _install(r: StorageRestore) -> None:
         except OSError:  # no hard links here: a checked copy
             safety_copy(r.target, kept)
         if not (kept.stat().st_size == size and os.path.samefile(kept, r.target)
-                or _same_bytes(kept, r.target)):
+                or same_bytes(kept, r.target)):
             raise ToolError(f"storage {r.id}: the safety copy {kept} of {r.target} does not "
                             "match it")
-    blobs.fsync_dir(parent)
+    fsync_dir(parent)
     os.replace(r.tmp, r.target)
     tmp_index = Path(f"{r.tmp}.index")
     if tmp_index.exists():
         os.replace(tmp_index, f"{r.target}.index")
-    blobs.fsync_dir(parent)
+    fsync_dir(parent)
     if r.blob_tmp is not None and r.blob_tmp.exists():
         if os.path.lexists(r.blob_target):
             if r.blob_target.is_dir() and not any(r.blob_target.iterdir()):
@@ -626,20 +355,8 @@ def _install(r: StorageRestore) -> None:
             else:
                 os.rename(r.blob_target, f"{r.blob_target}{RESTORE_SAFETY_SUFFIX}")
         os.rename(r.blob_tmp, r.blob_target)
-        blobs.fsync_dir(r.blob_target.parent)
+        fsync_dir(r.blob_target.parent)
 
-
-def _digest(path: Path, length: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = length
-        while left > 0:
-            chunk = f.read(min(1 << 20, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
 
 
 def _compare(r: StorageRestore, echo: Echo) -> bool:
@@ -650,7 +367,7 @@ def _compare(r: StorageRestore, echo: Echo) -> bool:
         return False
     ls, rs = live.stat().st_size, restored.stat().st_size
     common = min(ls, rs)
-    same = _digest(live, common) == _digest(restored, common)
+    same = sha256_file(live, common) == sha256_file(restored, common)
     ok = same and rs <= ls
     if rs < ls:
         size_text = f"shorter than the live file by {ls - rs} bytes ({(ls - rs) / ls:.2%})"
@@ -680,11 +397,11 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                 no_cut: bool = False, output_dir: Path | None = None, force: bool = False,
                 check: bool = False, window: float = verify.DEFAULT_WINDOW,
                 jobs: int | None = None, force_cut: bool = False,
-                echo: Echo = _quiet) -> RestoreResult:
+                echo: Echo = quiet) -> RestoreResult:
     """Restore every storage (see the module docstring).
 
     The repositories and the TID log must be this set's (see "Identity" in
-    :mod:`tidstorage.tools.backup`); a cut lowered by more than
+    :mod:`tidstorage.tools.identity`); a cut lowered by more than
     :data:`MAX_CUT_LOWERING` needs ``force_cut``; an existing file (or blob
     directory) is replaced only with ``force``, after it was kept as
     ``<file>.before-restore`` (a hard link: the same bytes).
@@ -705,7 +422,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
         if not log_path.exists():
             raise ToolError(f"TID log {log_path} does not exist")
         check_tidlog_identity(config, log_path, set_id, chosen=tidlog is None)
-        tids = _read_tids(log_path, config.storages, echo)
+        tids = tidlog_tids(log_path, config.storages, echo)
     elif tidlog is not None:
         raise ConfigError("-t/--tidlog makes no sense with --no-cut")
     check_dirs = None
@@ -742,7 +459,8 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
             for lock in locks:
                 lock.release()
         if check:
-            result.ok = all([_compare(r, echo) for r in plans.values()])
+            # a list: every storage is compared (and reported), not only up to a failure
+            result.ok = all([_compare(r, echo) for r in plans.values()])  # noqa: C419
         return result
     finally:
         if check_dirs:
@@ -762,7 +480,7 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
                 except ToolError as exc:
                     errors.append(str(exc))
                 except OSError as exc:
-                    errors.append(f"storage {futures[fut].id}: {_err(exc)}")
+                    errors.append(f"storage {futures[fut].id}: {os_error_text(exc)}")
         if errors:
             raise ToolError("\n".join(sorted(errors) + ["nothing was changed"]))
         for r in plans.values():
@@ -774,14 +492,14 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
             cuts, _report = decide_cuts(paths, tids, window=window, echo=echo,
                                         force_cut=force_cut)
             for s, d in cuts.items():
-                echo(_describe_cut(d, plans[s].target))
+                echo(describe_cut(d, plans[s].target))
                 plans[s].cut = d
                 if d.changes:
                     filestorage.truncate_at(d.path, d.point.offset)
             confirm_cuts(cuts, window=window, echo=echo)
             result.coherent = True
         else:
-            result.coherent = _post_check(paths, window, echo)
+            result.coherent = post_check(paths, window, echo)
             if not result.coherent:
                 echo("warning: restored without cutting: the files hold split transactions")
         for s, r in plans.items():
@@ -800,7 +518,7 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
     except (OSError, ScanError) as exc:
         for r in plans.values():
             _cleanup(r)
-        text = _err(exc) if isinstance(exc, OSError) else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         raise ToolError(f"restore failed: {text}; nothing was changed") from None
     except BaseException:
         for r in plans.values():
@@ -818,329 +536,8 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
             _cleanup(r)
         if not isinstance(exc, Exception):
             raise
-        text = _err(exc) if isinstance(exc, OSError) else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         done = ", ".join(installed) or "none"
         raise ToolError(f"restore failed while putting the restored files in place: {text}; "
                         f"storages already restored: {done}; the others are unchanged; "
                         "run the restore again (with --force)") from None
-
-
-# ---------------------------------------------------------------------------
-# Repair
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class RepairResult:
-    tidlog: Path
-    cuts: dict[str, CutDecision] = field(default_factory=dict)
-    safety_copies: dict[str, Path] = field(default_factory=dict)
-    pruned_blobs: dict[str, int] = field(default_factory=dict)
-    pruned_to: dict[str, Path] = field(default_factory=dict)
-    leftovers: list[Path] = field(default_factory=list)
-    coherent: bool = True
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.safety_copies or self.pruned_blobs)
-
-
-def safety_copy(src: Path, dst: Path) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` (must not exist) and check the copy.
-
-    Written to ``dst.tmp``, fsync'ed, evicted from the page cache and read
-    back: size and SHA-256 must match what was read from ``src``.  Then
-    renamed to ``dst``.  Returns (size, hex digest).
-    """
-    tmp = dst.with_name(dst.name + ".tmp")
-    h = hashlib.sha256()
-    size = 0
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(1 << 20):
-                h.update(chunk)
-                fo.write(chunk)
-                size += len(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-            try:
-                os.posix_fadvise(fo.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            except (AttributeError, OSError):
-                pass
-        if src.stat().st_size != size or tmp.stat().st_size != size:
-            raise ToolError(f"safety copy {tmp} of {src}: size mismatch")
-        if _digest(tmp, size) != h.hexdigest():
-            raise ToolError(f"safety copy {tmp} of {src}: SHA-256 mismatch when read back")
-        if dst.exists():
-            raise ToolError(f"{dst} appeared while copying: not overwritten")
-        os.rename(tmp, dst)
-        blobs.fsync_dir(dst.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return size, h.hexdigest()
-
-
-def _repair_storages(config: Config) -> dict[str, StorageConfig]:
-    if not config.storages:
-        raise ConfigError(f"{config.path}: storages: no storage configured")
-    for st in config.storages.values():
-        require(st.data_fs, f"storages.{st.name}.data_fs", "repair")
-    return dict(config.storages)
-
-
-#: Suffix of the repair plan written beside each Data.fs (see :func:`run_repair`).
-PLAN_SUFFIX = ".repair-plan"
-PLAN_FORMAT = 1
-#: Test hook, only to *place* a kill: after cutting a storage, repair writes
-#: that storage's id to the file named by this variable and waits for ever.
-PAUSE_AFTER_CUT_ENV = "TIDSTORAGE_TEST_REPAIR_PAUSE_AFTER_CUT"
-
-
-def _plan_path(data_fs: Path) -> Path:
-    return Path(f"{data_fs}{PLAN_SUFFIX}")
-
-
-def _cut_to_json(d: CutDecision) -> dict:
-    return {"id": d.id, "path": str(d.path), "size": d.size, "tid": d.tid,
-            "final_tid": d.final_tid, "point": dict(d.point.__dict__),
-            "log_point": dict(d.log_point.__dict__)}
-
-
-def _cut_from_json(data: dict) -> CutDecision:
-    return CutDecision(data["id"], Path(data["path"]), data["size"], data["tid"],
-                       data["final_tid"], CutPoint(**data["point"]), CutPoint(**data["log_point"]))
-
-
-def _write_plans(plan: dict, paths: list[Path]) -> None:
-    """The plan, durably, beside every Data.fs (temporary file, fsync,
-    rename, fsync of the directory): a re-run finds it whatever survives."""
-    from .backup import atomic_write
-
-    data = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
-    for path in paths:
-        atomic_write(path, data)
-
-
-def _read_plan(storages: dict[str, StorageConfig]) -> dict | None:
-    """The plan of an interrupted repair, if any (every copy must agree)."""
-    found: dict[Path, dict] = {}
-    for st in storages.values():
-        path = _plan_path(st.data_fs)
-        if not path.exists():
-            continue
-        try:
-            found[path] = json.loads(path.read_text())
-            if found[path].get("format") != PLAN_FORMAT:
-                raise ValueError(f"unknown format {found[path].get('format')!r}")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise ToolError(f"cannot read the repair plan {path}: {exc}; nothing was "
-                            "changed") from None
-    if not found:
-        return None
-    ids = {plan["plan_id"] for plan in found.values()}
-    if len(ids) > 1:
-        raise ToolError("repair plans of different repairs: " + ", ".join(
-            f"{p} ({plan['plan_id']})" for p, plan in sorted(found.items()))
-            + "; nothing was changed")
-    plan = next(iter(found.values()))
-    expected = {s: str(st.data_fs) for s, st in storages.items()}
-    planned = {s: e["cut"]["path"] for s, e in plan["storages"].items()}
-    if planned != expected:
-        raise ToolError(f"the repair plan {next(iter(found))} is for other storages or files "
-                        f"({planned}) than the configuration ({expected}); nothing was changed")
-    return plan
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    size = a.stat().st_size
-    return size == b.stat().st_size and _digest(a, size) == _digest(b, size)
-
-
-def _pause_after_cut(sid: str) -> None:
-    marker = os.environ.get(PAUSE_AFTER_CUT_ENV)
-    if marker:
-        Path(marker).write_text(sid)
-        while True:
-            time.sleep(3600)
-
-
-def _make_plan(storages, tids, tidlog: Path, window: float, force_cut: bool, echo: Echo,
-               result: RepairResult) -> dict | None:
-    """Decide the cuts and what to prune; refuse leftovers; None: nothing to do."""
-    paths = {s: st.data_fs for s, st in storages.items()}
-    try:
-        cuts, _report = decide_cuts(paths, tids, window=window, echo=echo, force_cut=force_cut)
-    except ScanError as exc:
-        raise ToolError(f"cannot read {exc.path}: {exc}; nothing was changed") from None
-    result.cuts = cuts
-    entries: dict[str, dict] = {}
-    refusals = []
-    for s, d in sorted(cuts.items()):
-        echo(_describe_cut(d))
-        safety = Path(f"{d.path}{SAFETY_SUFFIX}")
-        if safety.exists():
-            result.leftovers.append(safety)
-        if d.changes and safety.exists():
-            refusals.append(
-                f"storage {s}: a safety copy from an earlier repair exists: {safety}. "
-                "It is never overwritten: check that storage (and keep the copy if in "
-                "doubt, elsewhere), then delete or move it away, and run repair again")
-        entry = {"cut": _cut_to_json(d), "last_tid": filestorage.last_tid(d.path),
-                 "safety": str(safety), "blob_dir": None, "blobs_to": None}
-        blob_dir = storages[s].blob_dir
-        if blob_dir is not None:
-            moved = Path(f"{blob_dir}{SAFETY_SUFFIX}")
-            if moved.exists():
-                result.leftovers.append(moved)
-            if blobs.prune(blob_dir, d.point.last_tid, dry_run=True).files:
-                entry.update(blob_dir=str(blob_dir), blobs_to=str(moved))
-                if moved.exists():
-                    refusals.append(
-                        f"storage {s}: {moved} (blob files pruned by an earlier repair) "
-                        "exists: check, then delete or move it away, and run repair again")
-        entries[s] = entry
-    if refusals:
-        raise ToolError("\n".join(refusals + ["nothing was changed"]))
-    if not any(d.changes for d in cuts.values()) and not any(e["blob_dir"] for e in entries.values()):
-        return None
-    return {"format": PLAN_FORMAT, "plan_id": uuid.uuid4().hex, "created": time.time(),
-            "tidlog": str(tidlog), "storages": entries}
-
-
-def _execute_plan(plan: dict, plan_files: list[Path], echo: Echo, result: RepairResult) -> None:
-    """Carry the plan out, or the rest of it: every step checks what is
-    already done, so a run killed anywhere can be replayed.  If a safety
-    copy cannot be made before any file is cut, the copies made and the plan
-    are removed: nothing was changed."""
-    entries = sorted(plan["storages"].items())
-    cuts = {s: _cut_from_json(e["cut"]) for s, e in entries}
-    result.cuts = cuts
-    todo = []
-    problems = []
-    for s, e in entries:  # where each file stands, before anything is done
-        d = cuts[s]
-        if not d.changes:
-            continue
-        size = d.path.stat().st_size
-        if size == d.size and filestorage.last_tid(d.path) == e["last_tid"]:
-            todo.append(s)
-        elif size == d.point.offset and filestorage.last_tid(d.path) == d.point.last_tid:
-            echo(f"storage {s}: {d.path} already cut to {size} bytes")
-            safety = Path(e["safety"])
-            if safety.exists():
-                result.safety_copies[s] = safety
-            else:
-                echo(f"warning: storage {s}: its safety copy {safety} is gone")
-        else:
-            problems.append(f"storage {s}: {d.path} is {size} bytes: the plan expects "
-                            f"{d.size} (before the cut) or {d.point.offset} (after it): the "
-                            "file changed since the plan was made")
-    if problems:
-        raise ToolError("\n".join(problems + [
-            "nothing more was changed; check these storages, then remove the plan files "
-            f"(*{PLAN_SUFFIX} beside each Data.fs) to start a new repair"]))
-    made: list[Path] = []
-    for s in todo:  # safety copies: every one checked before any cut
-        d = cuts[s]
-        safety = Path(plan["storages"][s]["safety"])
-        if safety.exists():
-            if not _same_bytes(safety, d.path):
-                raise ToolError(f"storage {s}: {safety} exists and is not a copy of {d.path}: "
-                                "it is never overwritten; nothing more was changed")
-            echo(f"storage {s}: safety copy {safety} (made by the interrupted repair) checked")
-        else:
-            try:
-                size, digest = safety_copy(d.path, safety)
-            except (OSError, ToolError) as exc:
-                why = _err(exc) if isinstance(exc, OSError) else str(exc)
-                for p in made:  # copies of files left untouched
-                    p.unlink(missing_ok=True)
-                if len(todo) == sum(cuts[x].changes for x in cuts) and \
-                        len(made) == len(result.safety_copies):
-                    for p in plan_files:  # nothing done before this run either
-                        p.unlink(missing_ok=True)
-                    after = "nothing was changed"
-                else:
-                    after = "no file was cut by this run: run repair again to resume"
-                raise ToolError(f"storage {s}: cannot make the safety copy {safety}: "
-                                f"{why}; {after}") from None
-            made.append(safety)
-            echo(f"storage {s}: safety copy {safety} ({size} bytes, sha256 {digest[:16]}...) "
-                 "checked")
-        result.safety_copies[s] = safety
-    for s in todo:
-        d = cuts[s]
-        filestorage.truncate_at(d.path, d.point.offset)
-        echo(f"storage {s}: {d.path} cut to {d.point.offset} bytes")
-        _pause_after_cut(s)
-    for s, e in entries:
-        if not e["blob_dir"]:
-            continue
-        moved = Path(e["blobs_to"])
-        pruned = blobs.prune(e["blob_dir"], cuts[s].point.last_tid, move_to=moved, resume=True)
-        result.pruned_blobs[s] = len(pruned.files)
-        result.pruned_to[s] = moved
-        echo(f"storage {s}: moved {len(pruned.files)} blob file(s) newer than the cut to "
-             f"{moved}")
-
-
-def run_repair(config: Config, *, tidlog: Path | None = None,
-               window: float = verify.DEFAULT_WINDOW, force_cut: bool = False,
-               echo: Echo = _quiet) -> RepairResult:
-    """Cut every live Data.fs at its published TID (see the module docstring).
-
-    Resumable: the plan (the cut points, what to prune) is written durably
-    beside every Data.fs (``Data.fs.repair-plan``) before anything is
-    changed, and removed when the repair is done.  A run that finds a plan
-    replays it -- never a new plan over a half-cut set, which would choose
-    another point -- checking at each step what is already done; a safety
-    copy is never overwritten (an existing one must be the file's copy).
-    """
-    storages = _repair_storages(config)
-    missing = [f"storage {s}: {st.data_fs} does not exist" for s, st in sorted(storages.items())
-               if not st.data_fs.exists()]
-    if missing:
-        raise ToolError("\n".join(missing + ["nothing was changed"]))
-    locks: list[Lock] = []
-    try:
-        for s, st in sorted(storages.items()):
-            locks.append(Lock(Path(f"{st.data_fs}.lock"),
-                              f"storage {s}: {st.data_fs} is in use by a running process (stop "
-                              "its ZEO server or application first)"))
-        plan = _read_plan(storages)
-        if plan is not None:
-            result = RepairResult(tidlog=Path(plan["tidlog"]))
-            echo(f"resuming the interrupted repair planned at "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(plan['created']))} UTC "
-                 f"from {plan['tidlog']} (its cut points are kept"
-                 + (f"; -t {tidlog} is ignored)" if tidlog else ")"))
-        else:
-            if tidlog is None:
-                tidlog = require(config.server.status_file, "server.status_file",
-                                 "repair (or give a TID log with -t)")
-            tids = _read_tids(tidlog, storages, echo)
-            result = RepairResult(tidlog=tidlog)
-            plan = _make_plan(storages, tids, tidlog, window, force_cut, echo, result)
-            if plan is not None:
-                _write_plans(plan, [_plan_path(st.data_fs) for st in storages.values()])
-        if plan is not None:
-            _execute_plan(plan, [_plan_path(st.data_fs) for st in storages.values()], echo,
-                          result)
-            try:
-                confirm_cuts(result.cuts, window=window, echo=echo)
-            except ToolError as exc:
-                echo(f"ERROR: {exc}")
-                result.coherent = False
-            for st in storages.values():  # done: a new run plans anew
-                _plan_path(st.data_fs).unlink(missing_ok=True)
-                blobs.fsync_dir(st.data_fs.parent)
-    finally:
-        for lock in locks:
-            lock.release()
-    if not result.changed:
-        echo("nothing to repair: every storage ends at its published TID")
-    for p in result.leftovers:
-        if p not in result.safety_copies.values() and p not in result.pruned_to.values():
-            echo(f"note: {p} is left from an earlier repair: delete it once you are satisfied")
-    return result

@@ -49,20 +49,20 @@ from ..core.stamps import (
     largest_coherent_cut,
     stamp_of,
 )
-from ..core.tids import shift_tid, tid_at, tid_time  # noqa: F401 (re-exported)
+from ..core.tids import shift_tid, tid_at, tid_time
 from ..formats import filestorage
 from ..formats.filestorage import ScanError
 
 __all__ = [
     "DEFAULT_WINDOW",
-    "tid_at",
-    "shift_tid",
-    "TailScan",
     "StorageWindow",
+    "TailScan",
     "VerifyReport",
     "check",
     "describe_split",
     "format_tid",
+    "shift_tid",
+    "tid_at",
 ]
 
 logger = logging.getLogger(__name__)
