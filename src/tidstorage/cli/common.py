@@ -11,13 +11,37 @@ import click
 from ..config import Config, load_config
 from ..errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, TidstorageError
 
-__all__ = ["CONFIG", "CONFIG_OPTIONAL", "fail", "load", "errors", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["CONFIG", "CONFIG_OPTIONAL", "fail", "load", "errors", "table", "EXIT_FAILURE",
+           "EXIT_USAGE"]
 
-#: The TOML config, required (most commands) or optional (serve, dump).
-CONFIG = click.option("-c", "--config", "config_path", required=True,
-                      type=click.Path(dir_okay=False), help="TOML config file.")
+#: The TOML config, required (most commands) or optional (serve, dump);
+#: both default to $TIDSTORAGE_CONFIG.
+CONFIG = click.option("-c", "--config", "config_path", required=True, envvar="TIDSTORAGE_CONFIG",
+                      type=click.Path(dir_okay=False),
+                      help="TOML config file (default: $TIDSTORAGE_CONFIG).")
 CONFIG_OPTIONAL = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-                               help="TOML config file.")
+                               envvar="TIDSTORAGE_CONFIG",
+                               help="TOML config file (default: $TIDSTORAGE_CONFIG).")
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A table: rich on a terminal; plain tab-separated lines otherwise (cron
+    mail, journald, pipes: nothing wrapped or truncated)."""
+    if not sys.stdout.isatty():
+        click.echo(f"# {title}")
+        click.echo("\t".join(columns))
+        for row in rows:
+            click.echo("\t".join(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for name in columns:
+        t.add_column(name, overflow="fold")
+    for row in rows:
+        t.add_row(*row)
+    Console().print(t)
 
 
 def fail(message: str, code: int = EXIT_FAILURE):

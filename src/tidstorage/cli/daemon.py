@@ -1,4 +1,4 @@
-"""The daemon's commands: ``serve``, ``dump``, ``admin``, ``log``, and ``demo``."""
+"""The daemon's commands: ``serve``, ``dump``, ``status``, ``admin``, ``log``, and ``demo``."""
 
 from __future__ import annotations
 
@@ -145,28 +145,107 @@ def dump(config_path, server, as_json, timeout) -> None:
             fail(str(exc), EXIT_USAGE)
     else:
         address = (config.server.address, config.server.port)
+    lags: dict[str, float | None] = {}
     try:
         with _client(config, address, timeout, own=not server) as client:
             tids = client.dump()
             bootstrapped = client.bootstrapped()
+            if not as_json:
+                try:
+                    status = client.admin({"verb": "status"})
+                    lags = {s: i.get("lag") for s, i in status.get("storages", {}).items()}
+                except ClientError:
+                    pass  # an older daemon: no lag column
     except ClientError as exc:
         fail(str(exc))
+    where = f"{address[0]}:{address[1]}"
     if as_json:
+        if not bootstrapped:
+            # The shape stays {"id": tid}; a script must not take a point
+            # that is not the daemon's yet for its current one.
+            fail(f"the daemon at {where} has not completed its bootstrap: its published TIDs"
+                 " are the TID log's, not current")
         click.echo(json.dumps(tids, sort_keys=True))
         return
-    _print_tids(tids, title=f"published TIDs at {address[0]}:{address[1]}"
-                + ("" if bootstrapped else " (bootstrap not complete)"))
+    _print_tids(tids, title=f"published TIDs at {where}"
+                + ("" if bootstrapped else " (bootstrap not complete)"), lags=lags)
 
 
-def _client(config: Config, address: tuple[str, int], timeout: float, own: bool = True):
+@click.command()
+@click.option("-c", "--config", "config_path", envvar="TIDSTORAGE_CONFIG",
+              type=click.Path(dir_okay=False), required=True,
+              help="TOML config file (default: $TIDSTORAGE_CONFIG).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings and the status as JSON.")
+@click.option("--warn", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="WARNING when a storage's lag reaches this many seconds.")
+@click.option("--crit", type=click.FloatRange(0), default=300.0, show_default=True,
+              help="CRITICAL when a storage's lag reaches this many seconds.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
+def status(config_path, as_json, warn, crit, timeout) -> None:
+    """Health check of the published point, for monitoring (exit codes of
+    the monitoring plugins: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
+
+    The lag of a storage is the age of the oldest committed transaction
+    that the published point does not cover (0 when it covers everything).
+
+    \b
+    Examples:
+      tidstorage status -c /etc/tidstorage.toml
+      tidstorage status -c site.toml --warn 30 --crit 120 --json
+    """
+    from ..config import load_config
+    from ..core import health
+    from ..daemon.client import ClientError
+
+    def out(code: int, summary: str, lines: list[str], data: dict) -> None:
+        if as_json:
+            click.echo(json.dumps({"state": health.NAMES[code], "code": code,
+                                   "summary": summary, **data}, sort_keys=True, indent=1))
+        else:
+            click.echo(summary)
+            for line in lines:
+                click.echo(line)
+        sys.exit(code)
+
+    if crit < warn:
+        out(health.UNKNOWN, f"TIDSTORAGE UNKNOWN - --crit {crit:g} is below --warn {warn:g}",
+            [], {})
+    try:
+        config = load_config(config_path)
+        token = config.auth_token()
+    except (ConfigError, OSError) as exc:
+        out(health.UNKNOWN, f"TIDSTORAGE UNKNOWN - configuration error: {exc}", [], {})
+    address = (config.server.address, config.server.port)
+    where = f"{address[0]}:{address[1]}"
+    try:
+        with _client(config, address, timeout, token=token) as client:
+            answer = client.admin({"verb": "status"})
+    except ClientError as exc:
+        out(health.CRITICAL, f"TIDSTORAGE CRITICAL - daemon at {where} unreachable: {exc}",
+            [], {"findings": [], "status": None})
+    if not answer.get("ok"):
+        out(health.UNKNOWN, f"TIDSTORAGE UNKNOWN - the daemon at {where} refused the status"
+            f" request: {answer.get('error')}", [], {"status": answer})
+    h = health.assess(answer, warn=warn, crit=crit,
+                      full_dump_period=config.server.full_dump_period)
+    lags = {s: i.get("lag") for s, i in answer.get("storages", {}).items()}
+    lines = [f"{health.NAMES[c]}: {t}" for c, t in h.findings]
+    out(h.code, h.summary(lags), lines,
+        {"findings": [{"state": health.NAMES[c], "text": t} for c, t in h.findings],
+         "status": answer})
+
+
+def _client(config: Config, address: tuple[str, int], timeout: float, own: bool = True,
+            token: str | None = None):
     """A connected client of the daemon (its token; its TLS certificate as
     the trust anchor, for self-signed setups, when it is the config's daemon)."""
     from ..daemon.client import Client
 
-    try:
-        token = config.auth_token()
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}", EXIT_USAGE)
+    if token is None:
+        try:
+            token = config.auth_token()
+        except ConfigError as exc:
+            fail(f"configuration error: {exc}", EXIT_USAGE)
     ssl_context = None
     if config.server.tls_cert is not None and own:
         import ssl
@@ -236,19 +315,22 @@ def admin_forget(config_path, yes, storage) -> None:
                    f"forget storage {storage}")
 
 
-def _print_tids(tids: dict[str, int], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def _print_tids(tids: dict[str, int], title: str, lags: dict | None = None) -> None:
     from ..core.tids import tid_age, tid_time
+    from .common import table
 
-    table = Table(title=title)
-    for name in ("storage", "TID", "hex", "time (UTC)", "age"):
-        table.add_column(name)
+    columns = ["storage", "TID", "hex", "time (UTC)", "age"]
+    if lags:
+        columns.append("lag")
+    rows = []
     now = time.time()
     for storage, tid in sorted(tids.items()):
-        table.add_row(storage, str(tid), f"{tid:016x}", tid_time(tid), tid_age(tid, now))
-    Console().print(table)
+        row = [storage, str(tid), f"{tid:016x}", tid_time(tid), tid_age(tid, now)]
+        if lags:
+            lag = lags.get(storage)
+            row.append("unknown" if lag is None else f"{lag:.1f} s")
+        rows.append(row)
+    table(title, columns, rows)
 
 
 # -- demo ------------------------------------------------------------------
@@ -350,5 +432,5 @@ def log_recover(file: Path, output: Path | None) -> None:
 
 def register(main: click.Group) -> None:
     """Add the daemon's commands to the ``tidstorage`` group."""
-    for command in (serve, dump, admin, demo, log_group):
+    for command in (serve, dump, status, admin, demo, log_group):
         main.add_command(command)

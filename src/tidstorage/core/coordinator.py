@@ -84,8 +84,10 @@ import collections
 import hashlib
 import hmac
 import json
+import bisect
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -94,6 +96,7 @@ from .backoff import Backoff
 from .gate import NONE, Gate, KnownTxn
 from .session import session_of
 from .stamps import Stamp
+from .tids import tid_seconds
 from .tracker import Publication, Refused, Tracker
 
 log = logging.getLogger("tidstorage.server")
@@ -147,6 +150,10 @@ DESCRIBE_MAX = 20
 #: Repeated refusals / decreases: at most one log line per key this often (s).
 LOG_INTERVAL = 10.0
 LOG_KEYS_MAX = 10_000
+#: Reported TIDs remembered per storage above its published point, to tell
+#: the lag (beyond this, the newest are not remembered: the oldest, which
+#: the lag is the age of, are).
+MAX_LAG_TIDS = 100_000
 
 
 # -- actions ------------------------------------------------------------------
@@ -255,6 +262,10 @@ class _Txn:
     peer: Peer | None
     in_tracker: bool
     resolution: "_Resolution | None" = None
+    #: when it began (the coordinator's clock)
+    started: float = 0.0
+    #: a legacy transaction whose connection ended: when it counts as in doubt
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -286,6 +297,8 @@ class _Resolution:
     #: storage -> the owner seen first (file storages)
     owners: dict[str, OwnerInfo] = field(default_factory=dict)
     phase: str = "reading"
+    #: when the resolution started (the coordinator's clock)
+    since: float = 0.0
 
 
 class RateLimitedLog:
@@ -333,6 +346,8 @@ class Coordinator:
         admin_token: str | None = None,
         rewrite_log: Callable[[dict[str, int]], str] | None = None,
         rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
+        shell_status: Callable[[], dict] | None = None,
     ) -> None:
         #: storage id -> "zeo", "file" or None (unreadable)
         self.kinds = {s: k for s, k in kinds.items()}
@@ -381,6 +396,13 @@ class Coordinator:
         self._scan_again: dict[str, bool] = {s: False for s in readable}
         self._scan_done = {s: 0 for s in readable}  # last completed seq
         self._scanned_once: set[str] = set()
+        #: storage -> reported TIDs above its published point, ascending (the
+        #: lag; at most MAX_LAG_TIDS, the oldest kept)
+        self._reported: dict[str, list[int]] = {}
+        self.started = clock()
+        self.wall = wall
+        #: shell_status() -> what the shell adds to the status (its TID log)
+        self.shell_status = shell_status
         self._retry: dict[tuple, Backoff] = {}  # failed reads and no-ops, until one works
         self._random = rng or random.Random()
         self._armed: set[tuple] = set()  # timers set and not fired yet
@@ -389,6 +411,9 @@ class Coordinator:
         self._ids = 0
         self._limited = RateLimitedLog(log, clock)
         self.stats = collections.Counter()
+        #: commands applied, by kind; refusals, by reason (the metrics)
+        self.reports: collections.Counter = collections.Counter()
+        self.refusals: collections.Counter = collections.Counter()
         #: the latest verdicts: (txn, "committed" | "aborted" | "split", parts)
         self.verdicts: collections.deque = collections.deque(maxlen=1000)
 
@@ -449,6 +474,9 @@ class Coordinator:
                       "quit" if clean else "disconnected without QUIT")
         for txn in list(peer.begun):  # legacy transactions: they may come back
             self._timer(("legacy", txn), self.grace)
+            state = self._txns.get(txn)
+            if state is not None:
+                state.deadline = self.clock() + self.grace
         if session is not None:
             session.peers.discard(peer)
         if session is not None and not session.peers:
@@ -466,8 +494,10 @@ class Coordinator:
     def apply(self, peer: Peer, events: list[tuple]) -> bytes:
         """Apply decoded commands from ``peer``; return the replies."""
         replies: list[bytes] = []
+        counts = self.reports
         for event in events:
             kind = event[0]
+            counts[kind] += 1
             try:
                 if kind is p.COMMIT:
                     self._end(peer, event[1], event[2])
@@ -509,6 +539,7 @@ class Coordinator:
                 elif kind is p.AUTH:
                     replies.append(b"1\n")  # a repeated AUTH on an authenticated connection
             except Refused as exc:
+                self.refusals[exc.reason] += 1
                 if kind is p.BEGIN or kind is p.HELLO:
                     peer.refused = True
                 if kind is p.HELLO:
@@ -618,12 +649,13 @@ class Coordinator:
             readable = all(kinds.get(s) for s in members)
             if not readable:
                 self.tracker.begin(txn, members, bounds)
-            self._txns[txn] = _Txn(txn, members, session, peer, not readable)
+            self._txns[txn] = _Txn(txn, members, session, peer, not readable, None,
+                                   self.clock())
             session.txns.add(txn)
             session.storages.update(members)
         else:
             self.tracker.begin(txn, members, bounds)
-            self._txns[txn] = _Txn(txn, members, None, peer, True)
+            self._txns[txn] = _Txn(txn, members, None, peer, True, None, self.clock())
             peer.begun.add(txn)
         peer.storages.update(members)
 
@@ -665,11 +697,30 @@ class Coordinator:
                           f" {sorted(state.storages)}", "mismatch")
         self._forget_txn(state)
         if tids is not None:
+            self._committed(tids)
             if len(tids) > 1:
                 self.gate.report(txn, tids)
             if self.gate.verified:
                 self._scan_hint(tids)
         self._dirty = True
+
+    def _committed(self, tids: Mapping[str, int]) -> None:
+        """Remember reported TIDs above the published point (for the lag)."""
+        published = self.gate.published
+        reported = self._reported
+        for storage, tid in tids.items():
+            if tid <= published.get(storage, NONE):
+                continue
+            lst = reported.get(storage)
+            if lst is None:
+                lst = reported[storage] = []
+            if not lst or tid > lst[-1]:
+                if len(lst) < MAX_LAG_TIDS:
+                    lst.append(tid)
+            else:
+                bisect.insort(lst, tid)
+                if len(lst) > MAX_LAG_TIDS:
+                    lst.pop()
 
     def _forget_txn(self, state: _Txn) -> None:
         txn = state.id
@@ -759,7 +810,8 @@ class Coordinator:
 
     def _resolve(self, txn: str, storages: frozenset[str], why: str, pid: int | None,
                  reported: bool = False) -> None:
-        res = self._resolutions[txn] = _Resolution(txn, storages, why, pid, reported)
+        res = self._resolutions[txn] = _Resolution(txn, storages, why, pid, reported,
+                                                   since=self.clock())
         for storage in storages:
             res.reads[storage] = self._request_scan(storage)
         self.stats["resolutions"] += 1
@@ -1054,7 +1106,10 @@ class Coordinator:
         if verb == "status":
             if self._dirty:
                 self._publish()
-            return {"ok": True, **self.status()}
+            answer = {"ok": True, **self.status()}
+            if self.shell_status is not None:
+                answer.update(self.shell_status())
+            return answer
         if verb in ("set-tid", "forget"):
             token = request.get("token")
             if self.admin_token is None:
@@ -1108,24 +1163,95 @@ class Coordinator:
         self._dirty = True
         return {"ok": True, "storage": storage, "old": old, "new": tid, "kept": kept}
 
+    def oldest_unpublished(self, storage: str) -> int | None:
+        """The lowest TID committed on ``storage`` (read or reported) that
+        the published point does not cover."""
+        published = self.gate.published.get(storage, NONE)
+        oldest = self.gate.oldest_unpublished(storage)
+        reported = self._reported.get(storage)
+        if reported:
+            i = bisect.bisect_right(reported, published)
+            if i < len(reported) and (oldest is None or reported[i] < oldest):
+                oldest = reported[i]
+        return oldest
+
+    def lag(self, storage: str) -> float | None:
+        """The **lag** of ``storage`` (one definition everywhere: status,
+        dump, ``--max-lag``, metrics): the age, in seconds of the wall
+        clock against the TID's own time, of the oldest committed
+        transaction that the published point does not cover; 0 when it
+        covers everything the daemon knows of (an idle healthy site has lag
+        0). None when unknown: a readable storage not read yet."""
+        if self.kinds.get(storage) and storage not in self._scanned_once:
+            return None
+        oldest = self.oldest_unpublished(storage)
+        if oldest is None:
+            return 0.0
+        return max(0.0, self.wall() - tid_seconds(oldest))
+
     def status(self) -> dict:
-        """What an operator (and ``tidstorage status``) needs to know."""
+        """What an operator (and ``tidstorage status``) needs to know; see
+        ``protocol.encode_admin`` for the command and its limits."""
         gate = self.gate
+        now = self.clock()
+        storages = {}
+        frozen_by: dict[str, list[str]] = {}
+        for txn, known in gate.splits.items():
+            for storage in known.storages:
+                frozen_by.setdefault(storage, []).append(txn)
+        ids = sorted(set(self.kinds) | set(gate.published))
+        for storage in ids[:p.MAX_STORAGES]:
+            kind = self.kinds.get(storage)
+            oldest = self.oldest_unpublished(storage)
+            problems = []
+            if storage in self._blocked:
+                problems.append("blocked: reports were lost and the daemon cannot read it")
+            if storage in self._held_back:
+                problems.append("held back: too much unpublished for a frozen split")
+            if ("scan", storage) in self._retry:
+                problems.append("cannot be read (retrying)")
+            if storage in frozen_by:
+                problems.append(f"frozen by {len(frozen_by[storage])} split(s)")
+            storages[storage] = {
+                "kind": kind,
+                "published": gate.published.get(storage),
+                "read": gate.verified.get(storage) if kind else None,
+                "oldest_unpublished": oldest,
+                "lag": self.lag(storage),
+                "problems": problems,
+            }
+        in_flight = sorted(self._txns.values(), key=lambda t: t.started)
         return {
             "daemon": self.daemon_id,
             "bootstrapped": self.bootstrapped,
+            "uptime": now - self.started,
             "published": dict(gate.published),
             "verified": dict(gate.verified),
             "readable": {s: k for s, k in self.kinds.items()},
+            "storages": storages,
             "in_flight": len(self._txns),
+            "oldest_in_flight": [
+                {"id": t.id, "storages": sorted(t.storages), "age": now - t.started,
+                 "deadline": None if t.deadline is None else t.deadline - now}
+                for t in in_flight[:DESCRIBE_MAX]],
             "resolving": sorted(self._resolutions)[:DESCRIBE_MAX],
+            "in_doubt": [
+                {"id": r.txn, "storages": sorted(r.storages), "why": r.why, "phase": r.phase,
+                 "age": now - r.since,
+                 "waiting_for": sorted(r.proving) if r.phase == "proving" else sorted(r.reads)}
+                for r in sorted(self._resolutions.values(), key=lambda r: r.since)[:DESCRIBE_MAX]],
+            "in_doubt_count": len(self._resolutions),
             "incomplete": len(gate.incomplete()),
             "splits": {txn: {"parts": known.parts, "missing": sorted(known.never)}
                        for txn, known in list(gate.splits.items())[:DESCRIBE_MAX]},
+            "split_count": len(gate.splits),
             "unknown_ids": {i: sorted(p) for i, p in list(self.unknown_ids.items())[:DESCRIBE_MAX]},
             "blocked": sorted(self._blocked),
             "held_back": sorted(self._held_back),
             "sessions": len(self._sessions),
+            "counts": dict(self.stats),
+            "reports": dict(self.reports),
+            "refusals": dict(self.refusals),
         }
 
     # -- publication -------------------------------------------------------------
@@ -1153,6 +1279,11 @@ class Coordinator:
         if changed:
             tracker.observe_published(changed)
             self._actions.append(Publish(changed))
+            reported = self._reported
+            for storage, tid in changed.items():
+                lst = reported.get(storage)
+                if lst:
+                    del lst[: bisect.bisect_right(lst, tid)]
 
     # -- helpers ---------------------------------------------------------------
 

@@ -164,6 +164,14 @@ class Gate:
     def __len__(self) -> int:
         return len(self._txns)
 
+    def oldest_unpublished(self, storage: str) -> int | None:
+        """The lowest TID read on ``storage`` above its published TID."""
+        tids = self._tids.get(storage)
+        if not tids:
+            return None
+        i = bisect.bisect_right(tids, self.published.get(storage, NONE))
+        return tids[i] if i < len(tids) else None
+
     def held(self, storage: str) -> int:
         """How many transactions read on ``storage`` lie above its published TID."""
         return len(self._tids.get(storage, ()))

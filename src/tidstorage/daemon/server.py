@@ -177,7 +177,8 @@ class Daemon:
             host=socket.gethostname(), grace=server.in_doubt_grace,
             config_name=str(config.path) if config.path else "CONFIG",
             legacy_clients=server.legacy_clients, tid_ceiling=tid_ceiling,
-            admin_token=config.admin_token(), rewrite_log=self._rewrite_log)
+            admin_token=config.admin_token(), rewrite_log=self._rewrite_log,
+            shell_status=self._shell_status)
         if not kinds:
             log.warning("no [storages] in the configuration: any storage id is accepted and"
                         " the daemon cannot read any storage (legacy mode)")
@@ -311,6 +312,19 @@ class Daemon:
                                    full_dump_period=server.full_dump_period,
                                    initial_state=state)
         return str(kept)
+
+    def _shell_status(self) -> dict:
+        """The TID log and the connections, for the status command."""
+        tidlog = None
+        if self.writer is not None:
+            last = self.writer.last_record_time
+            tidlog = {
+                "path": str(self.status_file),
+                "last_record_age": None if last is None else max(0.0, time.time() - last),
+                "unwritten": len(self.writer.unwritten),
+                "failing": self._log_failing,
+            }
+        return {"tidlog": tidlog, "connections": len(self._connections)}
 
     def reopen_logs(self) -> None:
         """SIGHUP: start a new TID log file (with a full record).
