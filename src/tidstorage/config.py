@@ -16,6 +16,7 @@
     in_doubt_grace = 60          # seconds (legacy clients only, see the README)
     legacy_clients = true        # accept clients that say no HELLO (legacy TIDStorage)
     max_tid_ahead = 3600         # seconds: refuse reported TIDs further in the future
+    metrics_address = "127.0.0.1:9102"   # optional: Prometheus metrics (off by default)
 
     [storages.main]              # "main": the storage id on the wire and in the log
     data_fs = "var/main/Data.fs"
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core.addresses import parse_zeo_address
+from .core.addresses import parse_host_port, parse_zeo_address
 from .core.protocol import MAX_STORAGES
 from .errors import ConfigError
 
@@ -105,6 +106,8 @@ class ServerConfig:
     in_doubt_grace: float = DEFAULT_IN_DOUBT_GRACE
     legacy_clients: bool = True
     max_tid_ahead: float = DEFAULT_MAX_TID_AHEAD
+    #: (host, port) of the Prometheus endpoint; None: off
+    metrics_address: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,11 @@ def check_daemon(config: Config, address: str | None = None) -> list[str]:
             f"listening on {address}, not a loopback address, without an auth token: any host"
             " that can reach the port can send reports that move or freeze the published"
             " point (set server.auth_token_file, or listen on 127.0.0.1)")
+    if server.metrics_address is not None and not is_loopback(server.metrics_address[0]):
+        warnings.append(
+            f"serving metrics on {server.metrics_address[0]}, not a loopback address: any host"
+            " that can reach the port reads the storages' ids, TIDs and lags (they are not"
+            " authenticated; restrict the port with a firewall)")
     return warnings
 
 
@@ -210,7 +218,7 @@ def is_loopback(address: str) -> bool:
 
 
 # Each section: key -> kind: "path", "file" (a path whose last component is
-# not resolved), "seconds", "count", "str", "port", "bool".
+# not resolved), "seconds", "count", "str", "port", "bool", "address" (host:port).
 _SERVER_KEYS = {
     "address": "str",
     "port": "port",
@@ -225,6 +233,7 @@ _SERVER_KEYS = {
     "in_doubt_grace": "seconds",
     "legacy_clients": "bool",
     "max_tid_ahead": "seconds",
+    "metrics_address": "address",
 }
 _STORAGE_KEYS = {
     "data_fs": "path",
@@ -290,6 +299,13 @@ class _Reader:
             if value < 0:
                 raise self.fail(name, f"must not be negative, not {value}")
             return float(value)
+        if kind == "address":
+            if not isinstance(value, str):
+                raise self.fail(name, f"must be a \"host:port\" string, not {value!r}")
+            try:
+                return parse_host_port(value)
+            except ValueError as exc:
+                raise self.fail(name, str(exc)) from None
         if kind == "bool":
             if not isinstance(value, bool):
                 raise self.fail(name, f"must be true or false, not {value!r}")

@@ -97,6 +97,8 @@ def serve(config_path, address, port, status_file, verbose) -> None:
         fail(f"cannot start: {exc}", EXIT_USAGE)
     try:
         asyncio.run(_serve(daemon, handler))
+    except ConfigError as exc:
+        fail(f"cannot start: {exc}", EXIT_USAGE)
     except OSError as exc:
         fail(f"cannot listen on {daemon.listen.address}:{daemon.listen.port}: {exc.strerror or exc}")
     if daemon.exit_code:

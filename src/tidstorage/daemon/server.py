@@ -208,6 +208,11 @@ class Daemon:
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port: int | None = None
+        self.metrics = None
+        if server.metrics_address is not None:
+            from .metrics import Metrics
+
+            self.metrics = Metrics()
 
     @property
     def tracker(self):
@@ -243,6 +248,14 @@ class Daemon:
         self._workers[""] = _Worker("tidstorage-owners", loop)
         self.core.start()
         self.run_actions()
+        if self.metrics is not None:
+            try:
+                self.metrics.start(self.config.server.metrics_address, self.full_status, loop)
+            except OSError as exc:
+                await self.stop()
+                host, port = self.config.server.metrics_address
+                raise ConfigError(f"server.metrics_address: cannot listen on {host}:{port}:"
+                                  f" {exc.strerror or exc}") from None
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -272,6 +285,8 @@ class Daemon:
                     co._short(self.writer.unwritten or self.core.published()))
         for reader in self._readers.values():
             reader.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped; published TIDs: %s", co._short(self.core.published()))
         self._stopped.set()
 
@@ -312,6 +327,10 @@ class Daemon:
                                    full_dump_period=server.full_dump_period,
                                    initial_state=state)
         return str(kept)
+
+    def full_status(self) -> dict:
+        """The status command's answer (on the event loop)."""
+        return {**self.core.status(), **self._shell_status()}
 
     def _shell_status(self) -> dict:
         """The TID log and the connections, for the status command."""
@@ -438,8 +457,13 @@ class Daemon:
         The writer keeps what it could not write and retries at each tick,
         so a full disk delays records but loses none.
         """
+        writer = self.writer
+        before = writer.last_record_time
+        start = time.perf_counter()
         try:
             action(*args)
+            if self.metrics is not None and writer.last_record_time != before:
+                self.metrics.tidlog_write.observe(time.perf_counter() - start)
         except Exception as exc:  # OSError mostly; anything else is reported too
             if not self._log_failing:
                 self._log_failing = True

@@ -833,6 +833,11 @@ class TidLogWriter:
         """Published TIDs not written to the file yet."""
         return dict(self._pending)
 
+    @property
+    def last_record_time(self) -> float | None:
+        """The timestamp (Unix time) of the last record in the file."""
+        return self._last_time
+
     def close(self) -> None:
         """Flush pending changes and close the file.  Idempotent."""
         if self._fd is None:
