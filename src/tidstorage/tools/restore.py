@@ -402,7 +402,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
 
     The repositories and the TID log must be this set's (see "Identity" in
     :mod:`tidstorage.tools.identity`); a cut lowered by more than
-    :data:`MAX_CUT_LOWERING` needs ``force_cut``; an existing file (or blob
+    :data:`~tidstorage.tools.cut.MAX_CUT_LOWERING` needs ``force_cut``; an existing file (or blob
     directory) is replaced only with ``force``, after it was kept as
     ``<file>.before-restore`` (a hard link: the same bytes).
 
