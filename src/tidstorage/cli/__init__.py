@@ -1,13 +1,14 @@
 """The ``tidstorage`` command (click): one group; the commands live in
 ``daemon.py`` (serve, dump, admin, log, demo) and ``tools.py`` (backup,
-restore, repair, verify, cleanup, adopt); ``common.py`` has the shared
+restore, repair, verify, cleanup, adopt) and ``config.py`` (config check,
+config from-zope); ``common.py`` has the shared
 options and the one place errors become exit codes (``errors.py``)."""
 
 from __future__ import annotations
 
 import click
 
-from . import daemon, tools
+from . import config, daemon, tools
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,7 @@ def main() -> None:
 
 daemon.register(main)
 tools.register(main)
+config.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

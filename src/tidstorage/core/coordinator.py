@@ -586,6 +586,12 @@ class Coordinator:
         unknown = [s for s in storages if s not in self.kinds]
         if unknown:
             for storage in unknown[:LOG_LIST_MAX]:
+                if storage not in self.unknown_ids and len(self.unknown_ids) < MAX_UNKNOWN_IDS:
+                    # Once per id: a name typo in zope.conf, usually.
+                    log.warning("%s: reports storage id %r, which is not configured (%s):"
+                                " its reports are refused; check the names in zope.conf"
+                                " (tidstorage config check)", peer.name, storage[:200],
+                                self.config_name)
                 peers = self.unknown_ids.setdefault(storage, set())
                 if len(self.unknown_ids) <= MAX_UNKNOWN_IDS and len(peers) < LOG_LIST_MAX:
                     peers.add(peer.name)
