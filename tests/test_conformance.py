@@ -14,7 +14,6 @@ from __future__ import annotations
 import unittest
 
 import ZODB.FileStorage
-from tidstorage.demo.cluster import free_port
 from ZODB.tests import (
     BasicStorage,
     ConflictResolution,
@@ -30,6 +29,7 @@ from ZODB.tests import (
     TransactionalUndoStorage,
 )
 
+from tidstorage.demo.cluster import free_port
 from tidstorage.zodb.storage import TIDStorage, wrap
 
 _PORT = free_port()  # nothing listens there: the daemon is down
@@ -69,6 +69,51 @@ class _Suites(
         self._storage.tpc_begin(txn)
         self.assertRaises(StorageTransactionError, self._storage.tpc_begin, txn)
         self._storage.tpc_abort(txn)
+
+    def checkTpcBeginWaitsForTheCommitInProgress(self):
+        """IStorage: tpc_begin blocks while another transaction commits. The
+        wrapper defers its base's tpc_begin, so it must block by itself
+        (regression: ZEO's ``checkSecondBeginFails``)."""
+        import linecache
+        import sys
+        import threading
+        import time
+
+        from ZODB.Connection import TransactionMetaData
+        from ZODB.tests.MinPO import MinPO
+        from ZODB.tests.StorageTestBase import zodb_pickle
+        from ZODB.utils import z64
+
+        storage = self._storage
+        first = TransactionMetaData()
+        storage.tpc_begin(first)
+        storage.store(storage.new_oid(), z64, zodb_pickle(MinPO(1)), "", first)
+        storage.tpc_vote(first)
+        events = []
+        second = TransactionMetaData()
+
+        def begin_second():
+            storage.tpc_begin(second)
+            events.append("second begun")
+
+        def waits_on_a_lock(thread):
+            frame = sys._current_frames().get(thread.ident)
+            return frame is not None and ".acquire(" in linecache.getline(
+                frame.f_code.co_filename, frame.f_lineno)
+
+        thread = threading.Thread(target=begin_second, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60  # a bound, not a measurement
+        while not waits_on_a_lock(thread):
+            self.assertTrue(thread.is_alive() and not events,
+                            "tpc_begin returned while another transaction was committing")
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.001)
+        events.append("first finishing")
+        storage.tpc_finish(first)
+        thread.join(60)
+        self.assertEqual(events, ["first finishing", "second begun"])
+        storage.tpc_abort(second)
 
 
 class BareFileStorageTests(_Suites, unittest.TestCase):

@@ -14,8 +14,11 @@ Every ``TransactionMetaData`` that the storages of one transaction receive
 shares the same ``extension`` dict, which names the commit across the
 wrappers of this process.
 
-1. ``tpc_begin``: the wrapper joins the commit's :class:`_Commit` and *defers*
-   its base storage's ``tpc_begin``.
+1. ``tpc_begin``: the wrapper waits for its own two-phase commit lock (one
+   commit at a time per storage, as the storage API promises and every base
+   does at its ``tpc_begin``; held until ``tpc_finish`` starts, when the
+   base's own lock takes over, or ``tpc_abort``), joins the commit's :class:`_Commit` and
+   *defers* its base storage's ``tpc_begin``.
 2. The first ``store``/``vote``/... on any member *seals* the commit: every
    ``tpc_begin`` has been called, so the member list is complete. With two
    or more wrapped storages the commit is stamped in the extension
@@ -74,7 +77,7 @@ def legacy_storage_id(storage: Any) -> str | None:
 class _Commit(CommitFlow):
     """A :class:`~.session.CommitFlow` with what the wrapper needs besides."""
 
-    __slots__ = ("lock", "begun", "reporter", "objects")
+    __slots__ = ("begun", "lock", "objects", "reporter")
 
     def __init__(self, extension: dict) -> None:
         super().__init__(extension, new_coherency_id())
@@ -94,7 +97,7 @@ class _Registry:
         self._lock = threading.Lock()
         self._commits: dict[int, _Commit] = {}
 
-    def join(self, member: "TIDStorage", extension: dict) -> _Commit:
+    def join(self, member: TIDStorage, extension: dict) -> _Commit:
         key = id(extension)
         with self._lock:
             commit = self._commits.get(key)
@@ -122,7 +125,7 @@ def _data(transaction, storage) -> _Commit | None:
         return None
 
 
-def _seal(commit: _Commit, members: list["TIDStorage"]) -> None:
+def _seal(commit: _Commit, members: list[TIDStorage]) -> None:
     """Called with ``commit.lock`` held at the first store/vote of any member."""
     if not commit.seal(STAMP_KEY):
         return
@@ -182,7 +185,13 @@ class TIDStorage:
             acquire()
         self._pid = os.getpid()
         self._released = False
+        self._closed = False
         self._db = None
+        # One two-phase commit at a time (IStorage.tpc_begin blocks while
+        # another transaction commits): the base's own lock is only taken
+        # at its deferred tpc_begin, so the wrapper blocks here instead.
+        self._tpc_lock = threading.Lock()
+        self._tpc_owner: Any = None  # the transaction holding _tpc_lock
         # Provide what the base provides (blob support among others), as
         # zc.zlibstorage does: ZODB checks interfaces, not attributes.
         from ZODB.interfaces import IStorageWrapper
@@ -218,6 +227,7 @@ class TIDStorage:
     def close(self) -> None:
         """Close the base; the last storage using the reporter closes it
         (batched reports, then QUIT: a clean exit leaves nothing in doubt)."""
+        self._closed = True
         try:
             self.base.close()
         finally:
@@ -270,8 +280,32 @@ class TIDStorage:
             from ZODB.POSException import StorageTransactionError
 
             raise StorageTransactionError("Duplicate tpc_begin calls for same transaction")
-        commit = _registry.join(self, transaction.extension)
-        transaction.set_data(self, commit)
+        self._tpc_lock.acquire()  # blocks while another transaction commits
+        self._tpc_owner = transaction
+        try:
+            if self._closed:
+                self._begin_closed(transaction)
+            commit = _registry.join(self, transaction.extension)
+            transaction.set_data(self, commit)
+        except BaseException:
+            self._tpc_release(transaction)
+            raise
+
+    def _begin_closed(self, transaction) -> None:
+        """``tpc_begin`` after :meth:`close` (maybe while it waited for the
+        lock): the base's own answer, not a deferred begin that would fail
+        later (ZEO raises ClientDisconnected here)."""
+        from ZODB.POSException import StorageError
+
+        self.base.tpc_begin(transaction)
+        self.base.tpc_abort(transaction)
+        raise StorageError(f"tidstorage: {self!r} is closed")
+
+    def _tpc_release(self, transaction) -> None:
+        """Release the two-phase commit lock if ``transaction`` holds it."""
+        if self._tpc_owner is transaction and transaction is not None:
+            self._tpc_owner = None
+            self._tpc_lock.release()
 
     def _begin(self, transaction) -> None:
         """Seal the commit if needed, then run the deferred base tpc_begin."""
@@ -324,6 +358,11 @@ class TIDStorage:
             with commit.lock:
                 if commit.confirmed is None:
                     commit.confirmed = self._confirm(commit)
+        # The base holds its own commit lock until its tpc_finish ends; a
+        # transaction waiting in tpc_begin may go on now (its first store
+        # waits for the base), and nothing the base calls back into from
+        # its tpc_finish waits for this lock.
+        self._tpc_release(transaction)
         try:
             tid = self.base.tpc_finish(transaction, func)
         except BaseException:
@@ -341,14 +380,30 @@ class TIDStorage:
     def tpc_abort(self, transaction):
         commit = _data(transaction, self)
         if commit is None:
-            return self.base.tpc_abort(transaction)
+            try:
+                return self.base.tpc_abort(transaction)
+            finally:
+                self._tpc_release(transaction)
         transaction.set_data(self, None)
         with commit.lock:
             begun = id(self) in commit.begun
+            commit.begun.add(id(self))
         try:
-            if begun:
-                self.base.tpc_abort(transaction)
+            if not begun:
+                # The deferred base tpc_begin never ran (tpc_begin, then
+                # tpc_abort, nothing between): run it now, so that the base
+                # sees the calls the storage API promised and its tpc_abort
+                # does its cleanup (ZEO's iterator GC among others). Nothing
+                # was stored: a base that refuses to begin has nothing to end.
+                try:
+                    self.base.tpc_begin(transaction)
+                except Exception:
+                    log.debug("tidstorage: deferred tpc_begin failed in tpc_abort",
+                              exc_info=True)
+                    return
+            self.base.tpc_abort(transaction)
         finally:
+            self._tpc_release(transaction)
             self._aborted(commit)
 
     # -- reporting (never raises) -------------------------------------------
@@ -412,7 +467,7 @@ def wrap(base: Any, name: str | None = None, *, server: str | tuple[str, int] = 
     gets its legacy id (see :func:`legacy_storage_id`).
     """
     if isinstance(server, str):
-        from ..daemon.client import parse_server
+        from ..core.addresses import parse_host_port
 
-        server = parse_server(server)
+        server = parse_host_port(server, "daemon address")
     return TIDStorage(base, name, server=server, auth_token=auth_token, timeout=timeout)
