@@ -7,8 +7,10 @@ The public Python API is small::
 
 * :func:`wrap` and :class:`TIDStorage`: the storage wrapper (``zodb/``);
   in ZConfig, ``%import tidstorage`` and a ``<tidstorage>`` section;
-* :class:`TidstorageError`: the root of every error tidstorage raises
-  (``errors.py``);
+* :class:`TidstorageError`: the root of the errors tidstorage raises for
+  something a user or operator can act on (``errors.py``; ``wrap`` raises
+  ``ValueError``/``TypeError`` for bad arguments, as Python does, and never
+  fails a commit);
 * ``__version__``.
 
 The command line is ``tidstorage`` (``cli/``). Where the rest lives:
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-__all__ = ["wrap", "TIDStorage", "TidstorageError", "__version__"]
+__all__ = ["TIDStorage", "TidstorageError", "__version__", "wrap"]
 
 try:
     __version__ = _metadata.version("tidstorage")
@@ -40,3 +42,7 @@ def __getattr__(name: str):
 
         return TidstorageError
     raise AttributeError(f"module 'tidstorage' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -463,11 +463,22 @@ def wrap(base: Any, name: str | None = None, *, server: str | tuple[str, int] = 
          auth_token: str | None = None, timeout: float = 1.0) -> TIDStorage:
     """Python API: ``db = ZODB.DB(tidstorage.wrap(storage, "main"))``.
 
-    ``server`` is ``"host:port"`` or a tuple. Without ``name``, a ZEO client
-    gets its legacy id (see :func:`legacy_storage_id`).
+    ``name`` is the storage id of the daemon's TOML config; without it, a
+    ZEO client gets its legacy id (see :func:`legacy_storage_id`).
+    ``server`` is the daemon, ``"host:port"``, ``"[ipv6]:port"`` or a
+    ``(host, port)`` tuple; ``auth_token`` the token itself (see
+    ``config.read_token`` to read a token file); ``timeout`` the longest
+    wait for the daemon, in seconds.
+
+    Raises ``ValueError`` for a bad ``server`` or ``timeout``, or no
+    ``name`` for a storage that is not a ZEO client, and ``TypeError`` for
+    an ``IMVCCStorage`` (RelStorage). Nothing is connected here: the daemon
+    down, or never there, is no error (commits go on without it).
     """
     if isinstance(server, str):
         from ..core.addresses import parse_host_port
 
         server = parse_host_port(server, "daemon address")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"invalid timeout {timeout!r}: must be more than 0 seconds")
     return TIDStorage(base, name, server=server, auth_token=auth_token, timeout=timeout)
