@@ -64,6 +64,32 @@ class _BackupProgress:
             self.progress.update(task, phase="FAILED")
 
 
+class _PlainProgress:
+    """Progress outside a terminal (cron mail, journald): on stderr, a line
+    per storage when it starts, at each quarter of its estimated size, and
+    when it ends."""
+
+    def __init__(self) -> None:
+        self.shown: dict[str, int] = {}
+
+    def __call__(self, sid, phase, done, total):
+        from .common import human_size
+
+        if phase == "repozo":
+            quarter = int(4 * done / total) if total else 0
+            if sid not in self.shown:
+                self.shown[sid] = 0
+                click.echo(f"{sid}: repozo started"
+                           + (f" (~{human_size(total)} to copy)" if total else ""), err=True)
+            elif 0 < quarter < 4 and quarter > self.shown[sid]:
+                self.shown[sid] = quarter
+                click.echo(f"{sid}: {25 * quarter}% ({human_size(done)})", err=True)
+        elif phase == "done":
+            click.echo(f"{sid}: done, {human_size(done)} written", err=True)
+        elif phase == "failed":
+            click.echo(f"{sid}: FAILED", err=True)
+
+
 @click.command()
 @_CONFIG
 @click.option("--full", is_flag=True, help="Full repozo backups (-F).")
@@ -71,14 +97,26 @@ class _BackupProgress:
 @click.option("--quick", is_flag=True, help="repozo's quick incremental check (-Q).")
 @click.option("--jobs", type=click.IntRange(min=1), help="Storages backed up at once "
               "(default: the number of cores).")
+@click.option("--max-lag", type=click.FloatRange(min=0), metavar="S",
+              help="Fail (back up nothing) if the daemon's published point lags more than S"
+                   " seconds, is not bootstrapped, or cannot be reached.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def backup(config_path, full, gzip, quick, jobs, as_json):
+def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
     """Back up every storage: TID log copy, repozo, blob snapshots.
 
-    The backup's timestamp is appended to backup.timestamp_file only if every
-    storage succeeded.
+    The backup asks the daemon for its point first: the TID log copy ends
+    at the daemon's point at backup time (the log's last record may be up to
+    burst_period older); it warns when the point lags, and --max-lag makes
+    that an error. The backup's timestamp is appended to
+    backup.timestamp_file only if every storage succeeded.
+
+    \b
+    Examples:
+      tidstorage backup -c /etc/tidstorage.toml --max-lag 60
+      tidstorage backup -c site.toml --full --gzip --json
     """
     from ..tools.backup import run_backup
+    from .common import human_size
 
     config = _load(config_path)
     progress = None
@@ -86,26 +124,30 @@ def backup(config_path, full, gzip, quick, jobs, as_json):
         if sys.stderr.isatty():
             progress = _BackupProgress(sorted(config.storages))
             progress.progress.start()
+        else:
+            progress = _PlainProgress()
         try:
             result = run_backup(config, full=full, gzip=gzip, quick=quick, jobs=jobs,
-                                progress=progress)
+                                progress=progress, max_lag=max_lag)
         finally:
-            if progress is not None:
+            if isinstance(progress, _BackupProgress):
                 progress.progress.stop()
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
-        click.echo(f"TID log copied to {result.tidlog_copy}")
+        source = {"daemon": "the daemon's point at backup time",
+                  "tidlog": "the TID log's last record"}.get(result.point_source or "", "?")
+        click.echo(f"TID log copied to {result.tidlog_copy} (restore point: {source})")
         for sid, r in sorted(result.storages.items()):
             if not r.ok:
                 continue
             text = (f"{sid}: {r.mode}, {len([f for f in r.files if not f.endswith('.index')])} "
-                    f"new file(s), {r.bytes} bytes, {r.seconds:.1f} s")
+                    f"new file(s), {human_size(r.bytes)}, {r.seconds:.1f} s")
             if r.blob_snapshot:
                 text += (f"; blobs: {r.blob_files} file(s), {r.blob_linked} linked, "
-                         f"{r.blob_copied} copied ({r.blob_bytes_copied} bytes)")
+                         f"{r.blob_copied} copied ({human_size(r.blob_bytes_copied)})")
             click.echo(text)
     failed = [r for r in result.storages.values() if not r.ok]
     for r in sorted(failed, key=lambda r: r.id):

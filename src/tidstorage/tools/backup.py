@@ -9,9 +9,15 @@ One backup, named by the UTC time it starts (``T``, repozo's
    process dies; wait, if needed, until ``T`` is newer than every name already used
    (timestamps, TID log copies, repository files, blob snapshots), so that
    names sort like backups;
-2. copy the daemon's TID log (``server.status_file``) to
-   ``status_file_backup_dir/<log name>-T`` (temporary file, fsync, rename):
-   every TID it publishes is then already in each ``Data.fs``;
+2. ask the daemon for its published point and its lag (the status command;
+   ``--max-lag`` fails here when it lags, is not bootstrapped or cannot be
+   reached; otherwise a warning), then copy the daemon's TID log
+   (``server.status_file``) to ``status_file_backup_dir/<log name>-T``
+   (temporary file, fsync, rename) with, appended to the copy only, a full
+   record of the daemon's point when it is ahead of the log's last record
+   (up to ``burst_period`` behind): the restore point is the daemon's point
+   at backup time. Every TID either publishes is already in each
+   ``Data.fs`` (the daemon publishes only what it has read there);
 3. for every storage, in parallel (at most one per core, ``--jobs``):
    ``repozo -B -r backup_dir -f data_fs`` (``-F``, ``-z``, ``-Q`` passed on),
    (started through :data:`_CHILD_GUARD`: killed by the kernel if the
@@ -68,7 +74,10 @@ __all__ = [
     "BackupResult",
     "Progress",
     "StorageBackup",
+    "DaemonPoint",
     "check_backup_config",
+    "check_freshness",
+    "daemon_point",
     "clear_debris",
     "repository_debris",
     "run_backup",
@@ -113,11 +122,101 @@ class StorageBackup:
         return {k: v for k, v in self.__dict__.items()}
 
 
+#: A backup warns when a storage's lag (see ``coordinator.lag``) reaches this.
+LAG_WARNING = 10.0
+#: How long a backup waits for the daemon's answer (seconds).
+DAEMON_TIMEOUT = 5.0
+
+
+@dataclass
+class DaemonPoint:
+    """What the daemon said when the backup started."""
+
+    published: dict[str, int]
+    lags: dict[str, float | None]
+    bootstrapped: bool
+
+    def max_lag(self, storages) -> float | None:
+        """The largest lag of ``storages`` (None: one is unknown)."""
+        lags = [self.lags.get(s) for s in storages]
+        return None if any(lag is None for lag in lags) else max(lags, default=0.0)
+
+
+def daemon_point(config: Config, timeout: float = DAEMON_TIMEOUT) -> DaemonPoint:
+    """The daemon's published point and lags (ClientError if unreachable)."""
+    from ..daemon.client import Client
+    from ..errors import ClientError
+
+    ssl_context = None
+    if config.server.tls_cert is not None:
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=str(config.server.tls_cert))
+    address = (config.server.address, config.server.port)
+    with Client(address, auth_token=config.auth_token(), timeout=timeout,
+                ssl_context=ssl_context) as client:
+        answer = client.admin({"verb": "status"})
+    if not answer.get("ok"):
+        raise ClientError(f"the daemon refused the status request: {answer.get('error')}")
+    storages = answer.get("storages", {})
+    return DaemonPoint(
+        published={s: int(t) for s, t in answer.get("published", {}).items()},
+        lags={s: info.get("lag") for s, info in storages.items()},
+        bootstrapped=bool(answer.get("bootstrapped")))
+
+
+def check_freshness(config: Config, max_lag: float | None, warnings: list[str],
+                    timeout: float = DAEMON_TIMEOUT) -> DaemonPoint | None:
+    """Ask the daemon; with ``max_lag``, raise ToolError (nothing is backed
+    up) when its point lags more, is not bootstrapped or the daemon cannot
+    be reached; otherwise append warnings. None: no answer."""
+    from ..errors import ClientError
+
+    where = f"{config.server.address}:{config.server.port}"
+    try:
+        point = daemon_point(config, timeout)
+    except (ClientError, ConfigError, OSError) as exc:
+        text = (f"cannot ask the daemon at {where} for its point ({exc}): the restore point"
+                " is the TID log's last record, which may be older")
+        if max_lag is not None:
+            raise ToolError(f"{text}; --max-lag given: no backup made") from None
+        warnings.append(text)
+        return None
+    ids = sorted(config.storages)
+    if not point.bootstrapped:
+        text = (f"the daemon at {where} has not completed its bootstrap: its point is the"
+                " TID log's, behind what the storages hold")
+        if max_lag is not None:
+            raise ToolError(f"{text}; --max-lag given: no backup made")
+        warnings.append(text)
+    lag = point.max_lag(ids)
+    worst = ", ".join(f"{s} {point.lags[s]:.1f} s" for s in ids
+                      if point.lags.get(s) is not None and point.lags[s] >= min(
+                          LAG_WARNING, max_lag if max_lag is not None else LAG_WARNING))
+    if lag is None:
+        unknown = ", ".join(s for s in ids if point.lags.get(s) is None)
+        text = f"the lag of storage(s) {unknown} is unknown (not read by the daemon yet)"
+        if max_lag is not None:
+            raise ToolError(f"{text}; --max-lag given: no backup made")
+        warnings.append(text)
+    elif max_lag is not None and lag > max_lag:
+        raise ToolError(f"the published point lags {lag:.1f} s (> --max-lag {max_lag:g} s:"
+                        f" {worst}): a restore would lose that much; no backup made")
+    elif lag >= LAG_WARNING:
+        warnings.append(f"the published point lags {lag:.1f} s ({worst}): a restore of this"
+                        " backup loses the transactions committed in that time")
+    return point
+
+
 @dataclass
 class BackupResult:
     started: str
     timestamp: str | None = None    # appended to timestamp_file (success only)
     tidlog_copy: str | None = None
+    #: "daemon" (the daemon's point at backup time) or "tidlog" (its last record)
+    point_source: str | None = None
+    #: the restore point the TID log copy ends with
+    point: dict[str, int] = field(default_factory=dict)
     storages: dict[str, StorageBackup] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -130,6 +229,7 @@ class BackupResult:
         return {
             "ok": self.ok, "started": self.started, "timestamp": self.timestamp,
             "tidlog_copy": self.tidlog_copy, "seconds": round(self.seconds, 3),
+            "point_source": self.point_source, "point": self.point,
             "warnings": self.warnings,
             "storages": {s: r.to_json() for s, r in sorted(self.storages.items())},
         }
@@ -178,7 +278,36 @@ def _start_name(config: Config, clock: Callable[[], float]) -> str:
         time.sleep(min(1.0, 1.0 - math.fmod(now, 1.0) + 0.01))
 
 
-def _copy_tidlog(config: Config, name: str, result: BackupResult, set_id: str) -> Path:
+def _with_point(data: bytes, log_tids: dict[str, int], last_time: float | None,
+                point: DaemonPoint, warnings: list[str]) -> tuple[bytes, dict[str, int]]:
+    """``data`` (a TID log) with a full record of the daemon's point
+    appended when that point is ahead of the log's last state (each is a
+    point the daemon published; points only grow, so one is at or above
+    the other: the log may be the newer when the daemon wrote a record
+    after answering)."""
+    from ..formats.tidlog import KIND_FULL, TIMESTAMP_STEP, encode_record
+
+    daemon = point.published
+    ids = set(daemon) | set(log_tids)
+    if all(daemon.get(s, -1) <= log_tids.get(s, -1) for s in ids):
+        return data, log_tids  # the log is as new
+    if not all(daemon.get(s, -1) >= log_tids.get(s, -1) for s in ids):
+        # Neither is above the other: an operator's correction in between.
+        warnings.append("the daemon's point and the TID log's last state differ both ways"
+                        " (an operator's correction during the backup?): the backup keeps"
+                        " the log's point")
+        return data, log_tids
+    merged = {**log_tids, **daemon}
+    now = time.time()
+    if last_time is not None and now <= last_time:
+        now = last_time + TIMESTAMP_STEP
+    if data and not data.endswith(b"\n"):
+        data += b"\n"  # a torn last line: it never counted
+    return data + encode_record(now, KIND_FULL, merged), merged
+
+
+def _copy_tidlog(config: Config, name: str, result: BackupResult, set_id: str,
+                 point: DaemonPoint | None = None) -> Path:
     log = config.server.status_file
     dest_dir = config.backup.status_file_backup_dir
     try:
@@ -189,6 +318,18 @@ def _copy_tidlog(config: Config, name: str, result: BackupResult, set_id: str) -
     except OSError as exc:
         raise ToolError(f"cannot read TID log {log}: {exc.strerror}") from None
     dest = dest_dir / f"{log.name}-{name}"
+    result.point_source = "tidlog"
+    if point is not None:
+        try:
+            atomic_write(dest, data)
+            contents = read_log(dest)
+        except (TidLogError, OSError):
+            contents = None  # reported below
+        if contents is not None:
+            tids = contents.final_tids()
+            last = contents.records[-1].time if contents.records else None
+            data, _ = _with_point(data, tids, last, point, result.warnings)
+            result.point_source = "daemon"  # the copy ends at the daemon's point (or newer)
     try:
         atomic_write(dest, data)
         write_identity(tidlog_identity_path(dest), set_id=set_id, role="tidlog",
@@ -202,6 +343,7 @@ def _copy_tidlog(config: Config, name: str, result: BackupResult, set_id: str) -
         tidlog_identity_path(dest).unlink()
         raise ToolError(f"TID log {log} (server.status_file) is corrupt: {exc.reason} "
                         f"(line {exc.lineno}); no backup made") from None
+    result.point = tids
     missing = sorted(set(config.storages) - set(tids))
     if missing:
         result.warnings.append(
@@ -434,7 +576,8 @@ def _backup_storage(st, name: str, args: list[str], progress: Progress | None,
 def run_backup(config: Config, *, full: bool = False, gzip: bool = False, quick: bool = False,
                jobs: int | None = None, progress: Progress | None = None,
                after_storage: Callable[[StorageBackup], None] | None = None,
-               clock: Callable[[], float] = time.time) -> BackupResult:
+               clock: Callable[[], float] = time.time, max_lag: float | None = None,
+               ask_daemon: bool = True) -> BackupResult:
     """Back up every storage of ``config`` (see the module docstring).
 
     Never raises for a storage's failure: see ``result.ok`` and each
@@ -452,7 +595,8 @@ def run_backup(config: Config, *, full: bool = False, gzip: bool = False, quick:
         name = _start_name(config, clock)
         result = BackupResult(started=name)
         set_id = ensure_identities(config)
-        result.tidlog_copy = str(_copy_tidlog(config, name, result, set_id))
+        point = (check_freshness(config, max_lag, result.warnings) if ask_daemon else None)
+        result.tidlog_copy = str(_copy_tidlog(config, name, result, set_id, point))
         args = (["-F"] if full else []) + (["-z"] if gzip else []) + (["-Q"] if quick else [])
         ids = sorted(config.storages)
         workers = max(1, min(jobs or os.cpu_count() or 1, len(ids)))
