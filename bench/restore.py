@@ -48,7 +48,7 @@ from ZODB.FileStorage import FileStorage  # noqa: E402
 from ZODB.utils import u64, z64  # noqa: E402
 
 from tidstorage.formats import tidlog  # noqa: E402
-from tidstorage.tools.backup import repozo_argv  # noqa: E402
+from tidstorage.formats.repozo import repozo_argv  # noqa: E402
 from tidstorage.core.stamps import stamp_value  # noqa: E402
 
 MB = 1 << 20

@@ -14,8 +14,10 @@ import pytest
 from ZODB.FileStorage import FileStorage
 
 from support.fsfixtures import Site, digest, raw_commit, read_counters, run_cli, tree_state
-from tidstorage.tools.backup import (IDENTITY_FILE, TIDLOG_IDENTITY_SUFFIX, file_sha256,
-                               run_backup, tidlog_copies)
+from tidstorage.formats.durable import sha256_file as file_sha256
+from tidstorage.tools.backup import run_backup
+from tidstorage.tools.common import tidlog_copies
+from tidstorage.tools.identity import IDENTITY_FILE, TIDLOG_IDENTITY_SUFFIX
 from tidstorage.config import load_config
 from tidstorage.core.stamps import stamp_value
 from tidstorage.core.tids import tid_at

@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tidstorage.tools.backup import id_filename
+from tidstorage.tools.common import id_filename
 from tidstorage.demo import STORAGES, Cluster, read_roots
 
 __all__ = ["KINDS", "TortureReport", "Torture", "run_torture"]
@@ -362,7 +362,8 @@ class Torture:
             state.zeo_restarts += 1
             state.log(f"ZEO server {name} restarted ({time.monotonic() - t:.1f} s)")
         elif kind == "backup":
-            from tidstorage.tools.backup import ToolError, run_backup
+            from tidstorage.errors import ToolError
+            from tidstorage.tools.backup import run_backup
 
             full = rng.random() < 0.3
             try:
@@ -479,7 +480,8 @@ class Torture:
         return f"unknown ({text[:40]!r})"
 
     def _stop_and_judge(self, state: "_RoundState") -> None:
-        from tidstorage.tools.restore import run_repair, run_restore
+        from tidstorage.tools.repair import run_repair
+        from tidstorage.tools.restore import run_restore
         from tidstorage.formats.tidlog import read_log
 
         r = state.round

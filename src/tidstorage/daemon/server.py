@@ -37,6 +37,7 @@ from ..core import coordinator as co
 from ..core import protocol as p
 from ..core.coordinator import LOG_INTERVAL, RateLimitedLog  # noqa: F401  (re-exported)
 from ..core.tids import tid_at, tid_seconds
+from ..formats.durable import fsync_dir
 from ..formats.tidlog import TidLogWriter, read_log
 from .connection import BulkQueue, Connection
 
@@ -318,11 +319,7 @@ class Daemon:
         if path.exists():
             os.replace(path, kept)
         os.replace(fresh, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path.parent)
         self.writer = TidLogWriter(path, burst_period=server.burst_period,
                                    full_dump_period=server.full_dump_period,
                                    initial_state=state)

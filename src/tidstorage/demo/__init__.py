@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..tools.backup import id_filename
+from ..tools.common import id_filename
 from .cluster import DaemonProcess, ZeoServer
 
 STORAGES = {"main": ("a", "1"), "catalog": ("a", "2"), "archive": ("b", "1")}
@@ -192,7 +192,8 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
     """Run the demo; True when everything verified."""
     from ..config import load_config
     from ..tools.backup import run_backup
-    from ..tools.restore import run_repair, run_restore
+    from ..tools.repair import run_repair
+    from ..tools.restore import run_restore
 
     directory = directory.resolve()
     marker = directory / MARKER

@@ -92,6 +92,7 @@ from dataclasses import dataclass, field
 import zodbpickle.pickle
 from ZODB.FileStorage.format import DATA_HDR, DATA_HDR_LEN, TRANS_HDR, TRANS_HDR_LEN
 
+from ..core.tids import MAX_TID
 from ..errors import ScanError
 from .durable import fsync_dir
 
@@ -563,7 +564,7 @@ def _as_tid(tid) -> int:
             raise ValueError(f"a TID is 8 bytes, got {len(tid)}")
         return int.from_bytes(tid, "big")
     tid = int(tid)
-    if not 0 <= tid < 1 << 64:
+    if not 0 <= tid <= MAX_TID:
         raise ValueError(f"TID out of range: {tid}")
     return tid
 

@@ -83,6 +83,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
+from ..core.tids import MAX_TID
 from ..errors import TidLogError
 from .durable import atomic_write
 
@@ -92,9 +93,6 @@ FORMAT_VERSION = 1
 KIND_FULL = "full"
 KIND_INCREMENTAL = "incremental"
 KINDS = frozenset({KIND_FULL, KIND_INCREMENTAL})
-
-#: Exclusive upper bound of a tid (ZODB tids are 8 bytes).
-TID_LIMIT = 2**64
 
 #: Smallest amount by which a writer bumps a timestamp that would otherwise
 #: not be strictly greater than the previous one.
@@ -158,7 +156,7 @@ def _crc(obj: Mapping[str, object]) -> str:
 
 def _is_tid(value: object) -> bool:
     # bool is a subclass of int: refuse it explicitly.
-    return type(value) is int and 0 <= value < TID_LIMIT
+    return type(value) is int and 0 <= value <= MAX_TID
 
 
 def _tids_problem(tids: object) -> str | None:

@@ -83,15 +83,6 @@ __all__ = [
     "run_backup",
 ]
 
-# Kept importable from here for the modules outside the tools' scope that
-# still name them here (demo/, tests/support/torture.py,
-# tests/test_identity.py, bench/restore.py); their homes are common.py,
-# identity.py, formats/durable.py and formats/repozo.py.
-from ..formats.durable import sha256_file as file_sha256  # noqa: F401
-from ..formats.repozo import repozo_argv  # noqa: F401
-from .common import id_filename  # noqa: F401
-from .identity import IDENTITY_FILE, TIDLOG_IDENTITY_SUFFIX  # noqa: F401
-
 # ---------------------------------------------------------------------------
 # Backup
 # ---------------------------------------------------------------------------
