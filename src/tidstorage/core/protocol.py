@@ -123,6 +123,13 @@ _SIMPLE = {
     "QUIT": (QUIT,),
     "SYNC": (SYNC,),
 }
+#: Commands of one text field: name -> (event kind, what the field is).
+_ONE_FIELD = {
+    "ABORT": (ABORT, "transaction id"),
+    "AUTH": (AUTH, "auth token"),
+    "INDOUBT": (INDOUBT, "transaction id"),
+    "ADMIN": (ADMIN, "admin request"),
+}
 
 
 class _Incomplete(Exception):
@@ -281,24 +288,15 @@ class Decoder:
                         append((COMMIT, txn, tids))
                     else:
                         append((BEGIN, txn, keys, tids))
-                elif name == "ABORT":
+                elif name in _ONE_FIELD:  # ABORT, AUTH, INDOUBT, ADMIN
                     if i + 1 >= n:
                         raise _Incomplete
-                    append((ABORT, _text(fields[i + 1], "transaction id")))
+                    kind, what = _ONE_FIELD[name]
+                    append((kind, _text(fields[i + 1], what)))
                     i += 2
                 elif name in _SIMPLE:
                     append(_SIMPLE[name])
                     i += 1
-                elif name == "AUTH":
-                    if i + 1 >= n:
-                        raise _Incomplete
-                    append((AUTH, _text(fields[i + 1], "auth token")))
-                    i += 2
-                elif name == "INDOUBT":
-                    if i + 1 >= n:
-                        raise _Incomplete
-                    append((INDOUBT, _text(fields[i + 1], "transaction id")))
-                    i += 2
                 elif name == "HELLO":
                     if i + 4 >= n:
                         raise _Incomplete
@@ -309,11 +307,6 @@ class Decoder:
                         raise ProtocolError(f"HELLO pid is not a number: {pid[:40]!r}")
                     append((HELLO, session, secret, int(pid), _text(fields[i + 4], "host name")))
                     i += 5
-                elif name == "ADMIN":
-                    if i + 1 >= n:
-                        raise _Incomplete
-                    append((ADMIN, _text(fields[i + 1], "admin request")))
-                    i += 2
                 elif name == "LOST":
                     if i + 1 >= n:
                         raise _Incomplete
