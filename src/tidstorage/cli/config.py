@@ -33,7 +33,7 @@ def check(config_path, zope_confs, zeo_confs, no_probe, as_json) -> None:
     error.
 
     \\b
-    Example:
+    Examples:
       tidstorage config check -c tidstorage.toml \\
           --zope-conf etc/zope.conf --zeo-conf zeo1/etc/zeo.conf --zeo-conf zeo2/etc/zeo.conf
     """
@@ -64,7 +64,7 @@ def from_zope(zope_confs, zeo_confs, output, force) -> None:
     without Zope's schema). Review it, then run `config check`.
 
     \\b
-    Example:
+    Examples:
       tidstorage config from-zope --zope-conf etc/zope.conf \\
           --zeo-conf zeo/etc/zeo.conf -o /etc/tidstorage.toml
     """

@@ -78,6 +78,11 @@ def serve(config_path, address, port, status_file, verbose) -> None:
     Signals: SIGHUP reopens the server log and the TID log (the new TID log
     starts with a full record); SIGUSR1 logs the internal state;
     SIGTERM/SIGINT flush, fsync and exit 0.
+
+    \b
+    Examples:
+      tidstorage serve -c /etc/tidstorage.toml
+      TIDSTORAGE_CONFIG=/etc/tidstorage.toml tidstorage serve -v
     """
     config = load(config_path)
     handler = _setup_logging(config.server.log_file, verbose)
@@ -135,7 +140,13 @@ async def _serve(daemon, handler: logging.Handler) -> None:
 @click.option("--json", "as_json", is_flag=True, help='Print {"storage id": tid, ...}.')
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the daemon.")
 def dump(config_path, server, as_json, timeout) -> None:
-    """Print the TIDs the daemon has published."""
+    """Print the TIDs the daemon has published, with each storage's lag.
+
+    \b
+    Examples:
+      tidstorage dump -c site.toml
+      tidstorage dump --server 127.0.0.1:9001 --json
+    """
     from ..core.addresses import parse_host_port
     from ..daemon.client import ClientError
 
@@ -266,6 +277,11 @@ def admin() -> None:
     The TID log's records only move up: a correction starts a new TID log
     holding the corrected state, and keeps the old file beside it
     (``<status_file>.before-correction-<time>``).
+
+    \b
+    Examples:
+      tidstorage admin set-tid -c site.toml main 285212541829464917 --yes
+      tidstorage admin forget -c site.toml bogus-id --yes
     """
 
 
@@ -302,7 +318,12 @@ def _admin_request(config_path: str, request: dict, yes: bool, what: str) -> Non
 @click.argument("storage")
 @click.argument("tid", type=int)
 def admin_set_tid(config_path, yes, storage, tid) -> None:
-    """Set STORAGE's published TID to TID (even lower than it is)."""
+    """Set STORAGE's published TID to TID (even lower than it is).
+
+    \b
+    Examples:
+      tidstorage admin set-tid -c site.toml main 285212541829464917 --yes
+    """
     _admin_request(config_path, {"verb": "set-tid", "storage": storage, "tid": tid}, yes,
                    f"set the published TID of {storage} to {tid:#x}")
 
@@ -312,7 +333,12 @@ def admin_set_tid(config_path, yes, storage, tid) -> None:
 @click.option("--yes", is_flag=True, help="Confirm the change.")
 @click.argument("storage")
 def admin_forget(config_path, yes, storage) -> None:
-    """Stop publishing STORAGE (an id a forged report made the daemon publish)."""
+    """Stop publishing STORAGE (an id a forged report made the daemon publish).
+
+    \b
+    Examples:
+      tidstorage admin forget -c site.toml bogus-id --yes
+    """
     _admin_request(config_path, {"verb": "forget", "storage": storage}, yes,
                    f"forget storage {storage}")
 
@@ -374,6 +400,10 @@ def log_check(file: Path, as_json: bool) -> None:
     """Check a TID log; print its final TIDs. Exit 1 naming the line on failure.
 
     A torn last line (left by a crash while appending) is a warning only.
+
+    \b
+    Examples:
+      tidstorage log check var/tidstorage.tid
     """
     from ..formats.tidlog import check_log
 
