@@ -17,6 +17,8 @@
     legacy_clients = true        # accept clients that say no HELLO (legacy TIDStorage)
     max_tid_ahead = 3600         # seconds: refuse reported TIDs further in the future
     metrics_address = "127.0.0.1:9102"   # optional: Prometheus metrics (off by default)
+    all_writers_stamp = false    # true: restore/repair keep the whole transactions
+                                 # the stamps prove above the TID log's point
 
     [storages.main]              # "main": the storage id on the wire and in the log
     data_fs = "var/main/Data.fs"
@@ -108,6 +110,9 @@ class ServerConfig:
     max_tid_ahead: float = DEFAULT_MAX_TID_AHEAD
     #: (host, port) of the Prometheus endpoint; None: off
     metrics_address: tuple[str, int] | None = None
+    #: every writer stamps its multi-storage commits (no legacy client):
+    #: restore and repair cut at the stamps' point (tools/cut.py)
+    all_writers_stamp: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,7 @@ _SERVER_KEYS = {
     "legacy_clients": "bool",
     "max_tid_ahead": "seconds",
     "metrics_address": "address",
+    "all_writers_stamp": "bool",
 }
 _STORAGE_KEYS = {
     "data_fs": "path",

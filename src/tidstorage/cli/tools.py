@@ -179,8 +179,12 @@ def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
 @click.option("--jobs", type=click.IntRange(min=1), help="Storages recovered at once.")
 @_WINDOW
 @_FORCE_CUT
+@click.option("--dry-run", is_flag=True, help="Print the cut plan (per storage: cut TID, "
+              "transactions dropped, why) and change nothing (recovers into a temporary "
+              "directory, deleted).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
-            force_cut):
+            force_cut, dry_run, as_json):
     """Restore every storage from its backups, cut coherently."""
     from ..formats.repozo import parse_date
     from ..tools.cut import CACHE_NOTE
@@ -193,12 +197,18 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
             _fail(str(exc), EXIT_USAGE)
     if check and output_dir is not None:
         _fail("--check and --output-dir cannot be used together", EXIT_USAGE)
+    if as_json and not dry_run:
+        _fail("--json goes with --dry-run", EXIT_USAGE)
     config = _load(config_path)
     with _Errors():
         result = run_restore(
             config, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
             output_dir=output_dir.resolve() if output_dir else None, force=force,
-            check=check, window=window, jobs=jobs, force_cut=force_cut, echo=click.echo)
+            check=check, window=window, jobs=jobs, force_cut=force_cut, dry_run=dry_run,
+            echo=_plan_echo(as_json))
+    if dry_run:
+        _print_plan(result.plan, as_json)
+        return
     if check:
         if not result.ok:
             _fail("check FAILED: a restored file is longer than, or differs from, the live one")
@@ -212,6 +222,21 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         click.echo("note: if these files replace live storages: " + CACHE_NOTE)
 
 
+def _plan_echo(as_json):
+    """With --json, the tool's messages go to stderr (stdout: the JSON only)."""
+    if as_json:
+        return lambda text: click.echo(text, err=True)
+    return click.echo
+
+
+def _print_plan(plan, as_json):
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+    else:
+        for line in plan.lines():
+            click.echo(line)
+
+
 # -- repair ----------------------------------------------------------------
 
 
@@ -221,7 +246,10 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
               help="TID log (default: server.status_file, the daemon's).")
 @_WINDOW
 @_FORCE_CUT
-def repair(config_path, tidlog, window, force_cut):
+@click.option("--dry-run", is_flag=True, help="Print the cut plan (per storage: cut TID, "
+              "transactions dropped, why) and change nothing (no lock, copy or plan file).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+def repair(config_path, tidlog, window, force_cut, dry_run, as_json):
     """Cut every live Data.fs at its published TID (after a crash).
 
     A checked safety copy (Data.fs.before-repair) is made before any cut and
@@ -232,10 +260,16 @@ def repair(config_path, tidlog, window, force_cut):
     from ..tools.cut import CACHE_NOTE
     from ..tools.repair import run_repair
 
+    if as_json and not dry_run:
+        _fail("--json goes with --dry-run", EXIT_USAGE)
     config = _load(config_path)
     with _Errors():
         result = run_repair(config, tidlog=tidlog.resolve() if tidlog else None,
-                            window=window, force_cut=force_cut, echo=click.echo)
+                            window=window, force_cut=force_cut, dry_run=dry_run,
+                            echo=_plan_echo(as_json))
+    if dry_run:
+        _print_plan(result.plan, as_json)
+        return
     if result.changed:
         click.echo("safety copies kept (delete them once satisfied): "
                    + ", ".join(str(p) for p in list(result.safety_copies.values())

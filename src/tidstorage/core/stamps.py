@@ -58,6 +58,7 @@ __all__ = [
     "is_bootstrap",
     "find_splits",
     "largest_coherent_cut",
+    "largest_cut_above",
 ]
 
 #: The extension key of a stamp.
@@ -278,3 +279,58 @@ def largest_coherent_cut(
                 below = lst[i - 1] if i > 0 else tid - 1
                 if below < cut[s]:
                     cut[s] = below
+
+
+def largest_cut_above(
+    tails: Mapping[str, Iterable[tuple[int, Stamp | None]]],
+    floor: Mapping[str, int],
+) -> dict[str, int]:
+    """The largest coherent cut ``>= floor`` that keeps only whole stamped
+    transactions above ``floor`` (the *stamps' point*, used by restore and
+    repair when every writer stamps).
+
+    ``tails[s]`` must hold *every* transaction of storage ``s`` with a TID
+    ``> floor[s]`` (those ``<= floor[s]`` are ignored); ``floor`` is a cut
+    taken as coherent (the TID log's point, or its lowering).  Returns, for
+    every storage of ``floor``, the TID of the last transaction to keep:
+    ``floor[s]`` when nothing above it is kept.
+
+    The rule, with no horizon and no time window: a stamped transaction read
+    above ``floor`` on some storage is *whole* iff a record with its id is in
+    the tail of every storage it names; otherwise it is missing there, and it
+    is dropped everywhere (with, a cut keeping a prefix, everything after it
+    on each storage, and so on: :func:`largest_coherent_cut` over the tails,
+    starting from their ends).  A storage named by a stamp but absent from
+    ``floor`` (not in this set) counts as missing: nothing proves the part
+    there.  An unstamped transaction is kept: it is only safe when every
+    writer stamps its multi-storage commits (a legacy client's are unstamped).
+
+    Why it adds no split.  Let ``C`` be the result and ``T`` a stamped
+    transaction split under ``C``.  If all of ``T``'s parts are above
+    ``floor``, they are all in the tails, so ``T`` is present in every tail
+    (and ``C``, coherent on the tails, keeps it everywhere or nowhere) or
+    missing from one (and ``C`` keeps it nowhere): not split.  If all of
+    them are ``<= floor``, ``C >= floor`` keeps them all: not split.  So
+    ``T`` has parts on both sides of ``floor``: ``floor`` splits ``T`` too.
+    Every transaction ``C`` splits, ``floor`` splits: ``C`` is coherent when
+    ``floor`` is.  "Absent from the tail" does mean "missing" for any
+    transaction ``floor`` does not split: a part ``<= floor[m]`` on ``m`` of
+    a transaction with a part ``> floor[s]`` on ``s`` is a split of
+    ``floor``.  And ``C >= floor``: ``floor`` keeps nothing of the tails, so
+    it is coherent on them, and ``C`` is the largest such cut.
+    """
+    txns: dict[str, list[tuple[int, Stamp | None]]] = {s: [] for s in floor}
+    for s, items in tails.items():
+        if s in floor:
+            txns[s] = [(t, st) for t, st in items if t > floor[s]]
+    for items in list(txns.values()):
+        for _, st in items:
+            if st is not None:
+                for m in st.storages:
+                    txns.setdefault(m, [])  # outside the set: scanned, empty
+    cut = largest_coherent_cut(txns, {s: MAX_TID for s in txns})
+    out = {}
+    for s in floor:
+        kept = [t for t, _ in txns[s] if t <= cut[s]]
+        out[s] = max(kept) if kept else floor[s]
+    return out

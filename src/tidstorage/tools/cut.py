@@ -9,14 +9,52 @@ largest coherent one, and the output says so -- by at most
 :data:`MAX_CUT_LOWERING` without ``--force-cut``.  After cutting, the files
 are checked again (:func:`confirm_cuts`).  Blob files of the revisions
 dropped by the cut are pruned (by the callers).
+
+The stamps' point (``[server] all_writers_stamp = true``)
+-------------------------------------------------------
+
+The point found so far, ``L`` (the TID log's point, or its lowering), is
+the *starting point*.  When every writer stamps its multi-storage commits,
+the files prove more: the cut is then *raised* to the largest coherent cut
+``>= L`` that keeps, of the transactions above ``L``, only those that are
+whole (:func:`tidstorage.core.stamps.largest_cut_above`).  Each storage's
+tail is read from its end down to exactly ``L[s]`` (nothing more is
+needed), and a stamped transaction read there is whole iff a record with
+its id is in the tail of every storage it names; else it is missing and
+dropped everywhere, with what follows it on each storage (a cut keeps a
+prefix).  No horizon and no time window: for a transaction that ``L`` does
+not split, a part ``<= L[m]`` on ``m`` cannot go with a part ``> L[s]`` on
+``s``, so absent from ``m``'s tail means absent from ``m``.
+
+Soundness: every transaction the raised cut splits, ``L`` splits too (proof
+in ``largest_cut_above``): the raised cut is coherent whenever ``L`` is, and
+never keeps less than ``L``.  ``L`` is exactly coherent when it is the
+daemon's published point and every storage was readable by the daemon
+(rules R1-R3 of :mod:`tidstorage.core.gate`, no time windows, and the files
+hold at least what was published: a backup of ``s`` is taken after the TID
+log is copied, a live file holds what the daemon read).  A lowered ``L`` is
+coherent as far as :func:`verify.check` sees, which follows a dropped part
+to the storages it names within its window; whatever it missed stays split
+exactly as under ``L`` (and :func:`confirm_cuts` then fails as it would with
+``L``), never worse.  The raise needs every writer to stamp: a legacy
+client's multi-storage transaction carries no stamp and would be kept on
+one storage while lost on another, so with ``all_writers_stamp = false``
+(the default) the TID log's point stays the only rule.  A packed tail (a
+pack removes transactions whose records became garbage) can only make a
+whole transaction look missing: it is then dropped, as under ``L``.
+
+:class:`CutPlan` is what ``--dry-run`` prints (per storage: the TID log's
+TID, the cut, the rule, the transactions dropped and why); its
+:meth:`CutPlan.to_json` is the JSON form.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.stamps import largest_cut_above
 from ..core.tids import tid_seconds
 from ..errors import ToolError
 from ..formats import filestorage
@@ -29,6 +67,13 @@ __all__ = [
     "CACHE_NOTE",
     "MAX_CUT_LOWERING",
     "CutDecision",
+    "CutPlan",
+    "DroppedTxn",
+    "RULE_LOG",
+    "RULE_LOWERED",
+    "RULE_STAMPS",
+    "StoragePlan",
+    "make_plan",
     "confirm_cuts",
     "decide_cuts",
     "describe_cut",
@@ -43,6 +88,12 @@ CACHE_NOTE = (
 )
 
 
+#: The rules a storage's cut follows (``CutDecision.rule``).
+RULE_LOG = "log"          #: at the TID log's point
+RULE_LOWERED = "lowered"  #: below it: the log's point splits a transaction
+RULE_STAMPS = "stamps"    #: above it: whole transactions the stamps prove
+
+
 @dataclass
 class CutDecision:
     """Where one storage's Data.fs is cut."""
@@ -51,13 +102,21 @@ class CutDecision:
     path: Path
     size: int
     tid: int                  #: the TID log's TID
-    final_tid: int            #: after lowering to the largest coherent cut
+    final_tid: int            #: after lowering (or raising, by the stamps)
     point: CutPoint           #: find_cut(path, final_tid)
     log_point: CutPoint       #: find_cut(path, tid)
+    rule: str = RULE_LOG      #: RULE_LOG, RULE_LOWERED or RULE_STAMPS
+    #: the starting point's TID (the log's, or its lowering), None: the log's
+    start_tid: int | None = None
 
     @property
     def lowered(self) -> bool:
-        return self.point.offset != self.log_point.offset
+        return self.point.offset < self.log_point.offset
+
+    @property
+    def raised(self) -> bool:
+        """Keeps more than the TID log's point (the stamps' rule)."""
+        return self.point.offset > self.log_point.offset
 
     @property
     def changes(self) -> bool:
@@ -106,13 +165,16 @@ def _refuse_deep_lowering(cuts: dict[str, CutDecision]) -> None:
 
 
 def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
-                echo: Echo = quiet, force_cut: bool = False,
+                echo: Echo = quiet, force_cut: bool = False, all_writers_stamp: bool = False,
                 ) -> tuple[dict[str, CutDecision], verify.VerifyReport]:
-    """Cut points at ``tids``, lowered to the largest coherent cut if needed.
+    """Cut points at ``tids``, lowered to the largest coherent cut if needed,
+    then, with ``all_writers_stamp``, raised to the stamps' point (see the
+    module docstring).
 
-    Raises :class:`ToolError` if that lowers a cut by more than
-    :data:`MAX_CUT_LOWERING` (unless ``force_cut``).  Also returns the
-    verification report (splits at ``tids``, what was read).
+    Raises :class:`ToolError` if the lowering lowers a cut by more than
+    :data:`MAX_CUT_LOWERING` (unless ``force_cut``; the bound is checked on
+    the starting point, before any raise).  Also returns the verification
+    report (splits at ``tids``, what was read).
     """
     report = verify.check(paths, cut=tids, window=window, compute=True)
     for w in report.windows.values():
@@ -130,7 +192,9 @@ def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
         log_point = filestorage.find_cut(path, tids[s])
         final = report.coherent[s]
         point = log_point if final >= tids[s] else filestorage.find_cut(path, max(final, 0))
-        d = CutDecision(s, path, path.stat().st_size, tids[s], final, point, log_point)
+        start = tids[s] if final >= tids[s] else final
+        d = CutDecision(s, path, path.stat().st_size, tids[s], start, point, log_point,
+                        RULE_LOWERED if point.offset < log_point.offset else RULE_LOG, start)
         if log_point.warning:
             echo(f"warning: {log_point.warning}")
         last = filestorage.last_tid(path)
@@ -145,7 +209,225 @@ def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
         out[s] = d
     if not force_cut:
         _refuse_deep_lowering(out)
+    if all_writers_stamp:
+        _raise_to_stamps(out, report, echo)
     return out, report
+
+
+def _raise_to_stamps(cuts: dict[str, CutDecision], report: verify.VerifyReport,
+                     echo: Echo) -> None:
+    """Raise each cut to the stamps' point above its starting point."""
+    floor = {s: d.start_tid for s, d in cuts.items()}
+    for s, scan in report.scans.items():
+        scan.extend_to(floor[s])  # every transaction above the starting point
+    tails = {s: scan.ascending() for s, scan in report.scans.items()}
+    raised = largest_cut_above(tails, floor)
+    for s, d in sorted(cuts.items()):
+        if raised[s] <= floor[s]:
+            continue
+        point = filestorage.find_cut(d.path, raised[s])
+        if point.offset <= d.point.offset:
+            continue
+        before = d.point
+        d.final_tid, d.point, d.rule = raised[s], point, RULE_STAMPS
+        echo(f"storage {s}: cut RAISED to the stamps' point: keeps up to "
+             f"{verify.format_tid(point.last_tid)} instead of "
+             f"{verify.format_tid(before.last_tid)} "
+             f"({before.dropped - point.dropped} more whole transaction(s) kept)")
+
+
+# ---------------------------------------------------------------------------
+# The plan (--dry-run)
+# ---------------------------------------------------------------------------
+
+#: Dropped transactions listed per storage in a plan (the count is exact).
+MAX_LISTED = 1000
+
+
+@dataclass
+class DroppedTxn:
+    """A transaction the cut drops."""
+
+    tid: int
+    stamp: str | None         #: its coherency id, if stamped
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"tid": self.tid, "tid_hex": f"{self.tid:#018x}", "stamp": self.stamp,
+                "reason": self.reason}
+
+
+@dataclass
+class StoragePlan:
+    """One storage's cut, as planned."""
+
+    id: str
+    path: str                 #: the file that will be cut (restore: its destination)
+    size: int
+    log_tid: int              #: the TID log's TID
+    start_tid: int            #: the starting point: the log's TID, or its lowering
+    cut_tid: int | None       #: last transaction kept (None: none)
+    offset: int               #: the file is truncated to this size
+    rule: str                 #: RULE_LOG, RULE_LOWERED or RULE_STAMPS
+    why: str
+    dropped: int              #: transactions dropped (find_cut's count)
+    log_dropped: int          #: what the TID log's point alone would drop
+    transactions: list[DroppedTxn] = field(default_factory=list)  #: up to MAX_LISTED
+
+    @property
+    def changes(self) -> bool:
+        return self.offset != self.size
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "path": self.path, "size": self.size,
+                "log_tid": self.log_tid, "start_tid": self.start_tid,
+                "cut_tid": self.cut_tid, "offset": self.offset,
+                "bytes_dropped": self.size - self.offset, "rule": self.rule,
+                "why": self.why, "dropped": self.dropped, "log_dropped": self.log_dropped,
+                "transactions": [t.to_json() for t in self.transactions],
+                "transactions_listed": len(self.transactions)}
+
+
+@dataclass
+class CutPlan:
+    """What restore or repair would cut (``--dry-run``); also the object a
+    multi-host ``restore --plan`` prints (:meth:`to_json`)."""
+
+    command: str              #: "restore" or "repair"
+    tidlog: str | None
+    #: "stamps" (all_writers_stamp: the stamps' point above the log's) or "log"
+    rule: str
+    all_writers_stamp: bool
+    storages: dict[str, StoragePlan]
+    #: the multi-storage transactions the TID log's point splits
+    log_splits: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    context: dict = field(default_factory=dict)  #: e.g. restore's backup date
+
+    @property
+    def dropped(self) -> int:
+        return sum(p.dropped for p in self.storages.values())
+
+    @property
+    def log_dropped(self) -> int:
+        return sum(p.log_dropped for p in self.storages.values())
+
+    def to_json(self) -> dict:
+        return {"command": self.command, "tidlog": self.tidlog, "rule": self.rule,
+                "all_writers_stamp": self.all_writers_stamp,
+                "dropped": self.dropped, "log_dropped": self.log_dropped,
+                "log_splits": list(self.log_splits), "notes": list(self.notes),
+                "context": dict(self.context),
+                "storages": {s: p.to_json() for s, p in sorted(self.storages.items())}}
+
+    def lines(self) -> list[str]:
+        """The plan, for people."""
+        out = [f"{self.command} plan (dry run: nothing is changed), rule: "
+               + ("the stamps' point above the TID log's (all_writers_stamp = true)"
+                  if self.rule == RULE_STAMPS else
+                  "the TID log's point (all_writers_stamp = false: legacy writers "
+                  "may not stamp)")]
+        for k, v in sorted(self.context.items()):
+            out.append(f"  {k}: {v}")
+        if self.tidlog:
+            out.append(f"  TID log: {self.tidlog}")
+        for sid, p in sorted(self.storages.items()):
+            out.append(f"storage {sid}: {p.path}: TID log {verify.format_tid(p.log_tid)}; "
+                       f"cut after {verify.format_tid(p.cut_tid)} (offset {p.offset} of "
+                       f"{p.size}); rule {p.rule}: {p.why}")
+            out.append(f"  {p.dropped} transaction(s) dropped "
+                       f"({p.log_dropped} at the TID log's point)")
+            for t in p.transactions[:20]:
+                out.append(f"    {verify.format_tid(t.tid)}"
+                           + (f" [{t.stamp}]" if t.stamp else "") + f": {t.reason}")
+            if p.dropped > min(len(p.transactions), 20):
+                out.append(f"    ... {p.dropped - min(len(p.transactions), 20)} more")
+        out.append(f"total: {self.dropped} transaction(s) dropped ({self.log_dropped} at the "
+                   "TID log's point)")
+        out += [f"note: {n}" for n in self.notes]
+        return out
+
+
+def _why(d: CutDecision, rule: str) -> str:
+    if d.rule == RULE_STAMPS:
+        return ("keeps every transaction above the TID log's point that is whole in the "
+                "files (every writer stamps)")
+    if d.rule == RULE_LOWERED:
+        return "the TID log's point splits a multi-storage transaction: lowered to coherent"
+    if d.point.offset == d.size:
+        return "nothing after the TID log's point"
+    if rule == RULE_STAMPS:
+        return "no transaction above the TID log's point is whole in every storage it names"
+    return "at the TID log's point (legacy writers may not stamp: nothing above it is proven)"
+
+
+def make_plan(command: str, cuts: dict[str, CutDecision], report: verify.VerifyReport, *,
+              tidlog: Path | None, all_writers_stamp: bool,
+              shown: dict[str, Path] | None = None) -> CutPlan:
+    """The plan of ``cuts`` (from :func:`decide_cuts` with its ``report``):
+    per storage, every transaction dropped and why.  ``shown``: the paths
+    to name (restore: the destinations, not the temporary files)."""
+    rule = RULE_STAMPS if all_writers_stamp else RULE_LOG
+    scans = report.scans
+    final = {s: -1 if d.point.last_tid is None else d.point.last_tid for s, d in cuts.items()}
+    for s, d in cuts.items():
+        scans[s].extend_to(d.point.last_tid if d.point.last_tid is not None else 0)
+    # where each stamp id lies, to say why a stamped transaction goes
+    where: dict[str, dict[str, int]] = {}
+    for s, scan in scans.items():
+        for tid, st in scan.items:
+            if st is not None:
+                where.setdefault(st.id, {}).setdefault(s, tid)
+    storages = {}
+    for s, d in sorted(cuts.items()):
+        kept = d.point.last_tid
+        listed: list[DroppedTxn] = []
+        first = None
+        for tid, st in scans[s].ascending():
+            if kept is not None and tid <= kept:
+                continue
+            if first is None:
+                first = tid
+            if len(listed) >= MAX_LISTED:
+                break
+            listed.append(DroppedTxn(tid, st.id if st else None,
+                                     _reason(s, tid, st, d, rule, first, where, cuts, final)))
+        storages[s] = StoragePlan(
+            id=s, path=str((shown or {}).get(s, d.path)), size=d.size, log_tid=d.tid,
+            start_tid=d.start_tid if d.start_tid is not None else d.tid,
+            cut_tid=kept, offset=d.point.offset, rule=d.rule, why=_why(d, rule),
+            dropped=d.point.dropped, log_dropped=d.log_point.dropped, transactions=listed)
+    notes = []
+    short = [s for s, d in cuts.items()
+             if (last := filestorage.last_tid(d.path)) is not None and d.tid > last]
+    if short:
+        notes.append(f"the TID log's TID is after the end of the file of {', '.join(sorted(short))}")
+    return CutPlan(command=command, tidlog=None if tidlog is None else str(tidlog),
+                   rule=rule, all_writers_stamp=all_writers_stamp, storages=storages,
+                   log_splits=[verify.describe_split(sp) for sp in report.splits],
+                   notes=notes)
+
+
+def _reason(s, tid, st, d: CutDecision, rule, first, where, cuts, final) -> str:
+    if d.rule == RULE_LOWERED and tid <= d.tid:
+        return "below the TID log's point: dropped to undo a split (stale or damaged TID log)"
+    if rule != RULE_STAMPS:
+        return "after the TID log's point"
+    if st is not None:
+        parts = where.get(st.id, {})
+        missing = [m for m in st.storages if m not in parts]
+        if missing:
+            outside = [m for m in missing if m not in cuts]
+            text = f"split: no part in {', '.join(missing)}"
+            if outside:
+                text += f" ({', '.join(outside)} not in this set)"
+            return text
+        gone = [m for m in st.storages if m != s and m in cuts and parts[m] > final[m]]
+        if gone:
+            return f"its part in {', '.join(gone)} is dropped there"
+    if tid == first:
+        return "after the TID log's point"
+    return "after a dropped transaction of this storage (a cut keeps a prefix)"
 
 
 def confirm_cuts(cuts: dict[str, CutDecision], *, window: float,

@@ -36,7 +36,18 @@ from .common import (
     safety_copy,
     same_bytes,
 )
-from .cut import CutDecision, confirm_cuts, decide_cuts, describe_cut, tidlog_tids
+from .cut import (
+    RULE_LOG,
+    RULE_STAMPS,
+    CutDecision,
+    CutPlan,
+    StoragePlan,
+    confirm_cuts,
+    decide_cuts,
+    describe_cut,
+    make_plan,
+    tidlog_tids,
+)
 
 __all__ = [
     "PAUSE_AFTER_CUT_ENV",
@@ -58,6 +69,8 @@ class RepairResult:
     pruned_to: dict[str, Path] = field(default_factory=dict)
     leftovers: list[Path] = field(default_factory=list)
     coherent: bool = True
+    #: with ``dry_run``: what would be done (nothing was changed)
+    plan: CutPlan | None = None
 
     @property
     def changed(self) -> bool:
@@ -87,12 +100,14 @@ def _plan_path(data_fs: Path) -> Path:
 def _cut_to_json(d: CutDecision) -> dict:
     return {"id": d.id, "path": str(d.path), "size": d.size, "tid": d.tid,
             "final_tid": d.final_tid, "point": dict(d.point.__dict__),
-            "log_point": dict(d.log_point.__dict__)}
+            "log_point": dict(d.log_point.__dict__), "rule": d.rule,
+            "start_tid": d.start_tid}
 
 
 def _cut_from_json(data: dict) -> CutDecision:
     return CutDecision(data["id"], Path(data["path"]), data["size"], data["tid"],
-                       data["final_tid"], CutPoint(**data["point"]), CutPoint(**data["log_point"]))
+                       data["final_tid"], CutPoint(**data["point"]), CutPoint(**data["log_point"]),
+                       data.get("rule", RULE_LOG), data.get("start_tid"))
 
 
 def _write_plans(plan: dict, paths: list[Path]) -> None:
@@ -142,18 +157,26 @@ def _pause_after_cut(sid: str) -> None:
 
 
 def _make_plan(storages, tids, tidlog: Path, window: float, force_cut: bool, echo: Echo,
-               result: RepairResult) -> dict | None:
-    """Decide the cuts and what to prune; refuse leftovers; None: nothing to do."""
+               result: RepairResult, *, all_writers_stamp: bool = False,
+               dry_run: bool = False) -> dict | None:
+    """Decide the cuts and what to prune; refuse leftovers; None: nothing to do.
+    With ``dry_run``, sets ``result.plan`` and says what would be refused
+    (in its notes) instead of refusing."""
     paths = {s: st.data_fs for s, st in storages.items()}
     try:
-        cuts, _report = decide_cuts(paths, tids, window=window, echo=echo, force_cut=force_cut)
+        cuts, report = decide_cuts(paths, tids, window=window, echo=echo, force_cut=force_cut,
+                                   all_writers_stamp=all_writers_stamp)
+        if dry_run:
+            result.plan = make_plan("repair", cuts, report, tidlog=tidlog,
+                                    all_writers_stamp=all_writers_stamp)
     except ScanError as exc:
         raise ToolError(f"cannot read {exc.path}: {exc}; nothing was changed") from None
     result.cuts = cuts
     entries: dict[str, dict] = {}
     refusals = []
     for s, d in sorted(cuts.items()):
-        echo(describe_cut(d))
+        if not dry_run:
+            echo(describe_cut(d))
         safety = Path(f"{d.path}{SAFETY_SUFFIX}")
         if safety.exists():
             result.leftovers.append(safety)
@@ -169,14 +192,20 @@ def _make_plan(storages, tids, tidlog: Path, window: float, force_cut: bool, ech
             moved = Path(f"{blob_dir}{SAFETY_SUFFIX}")
             if moved.exists():
                 result.leftovers.append(moved)
-            if blobs.prune(blob_dir, d.point.last_tid, dry_run=True).files:
+            pruned = blobs.prune(blob_dir, d.point.last_tid, dry_run=True).files
+            if pruned:
                 entry.update(blob_dir=str(blob_dir), blobs_to=str(moved))
+                if dry_run:
+                    result.plan.notes.append(f"storage {s}: {len(pruned)} blob file(s) newer "
+                                             f"than the cut would be moved to {moved}")
                 if moved.exists():
                     refusals.append(
                         f"storage {s}: {moved} (blob files pruned by an earlier repair) "
                         "exists: check, then delete or move it away, and run repair again")
         entries[s] = entry
-    if refusals:
+    if refusals and dry_run:
+        result.plan.notes += [f"repair would refuse: {r}" for r in refusals]
+    elif refusals:
         raise ToolError("\n".join(refusals + ["nothing was changed"]))
     if not any(d.changes for d in cuts.values()) and not any(e["blob_dir"] for e in entries.values()):
         return None
@@ -263,7 +292,7 @@ def _execute_plan(plan: dict, plan_files: list[Path], echo: Echo, result: Repair
 
 def run_repair(config: Config, *, tidlog: Path | None = None,
                window: float = verify.DEFAULT_WINDOW, force_cut: bool = False,
-               echo: Echo = quiet) -> RepairResult:
+               dry_run: bool = False, echo: Echo = quiet) -> RepairResult:
     """Cut every live Data.fs at its published TID (see the module docstring).
 
     Resumable: the plan (the cut points, what to prune) is written durably
@@ -272,12 +301,19 @@ def run_repair(config: Config, *, tidlog: Path | None = None,
     replays it -- never a new plan over a half-cut set, which would choose
     another point -- checking at each step what is already done; a safety
     copy is never overwritten (an existing one must be the file's copy).
+
+    With ``config.server.all_writers_stamp``, the cuts are raised to the
+    stamps' point (:mod:`tidstorage.tools.cut`).  With ``dry_run``, only
+    ``result.plan`` is computed: no lock taken, no safety copy, no plan
+    file, nothing cut or moved.
     """
     storages = _repair_storages(config)
     missing = [f"storage {s}: {st.data_fs} does not exist" for s, st in sorted(storages.items())
                if not st.data_fs.exists()]
     if missing:
         raise ToolError("\n".join(missing + ["nothing was changed"]))
+    if dry_run:
+        return _dry_run(config, storages, tidlog, window, force_cut, echo)
     locks: list[Lock] = []
     try:
         for s, st in sorted(storages.items()):
@@ -297,7 +333,8 @@ def run_repair(config: Config, *, tidlog: Path | None = None,
                                  "repair (or give a TID log with -t)")
             tids = tidlog_tids(tidlog, storages, echo)
             result = RepairResult(tidlog=tidlog)
-            plan = _make_plan(storages, tids, tidlog, window, force_cut, echo, result)
+            plan = _make_plan(storages, tids, tidlog, window, force_cut, echo, result,
+                              all_writers_stamp=config.server.all_writers_stamp)
             if plan is not None:
                 _write_plans(plan, [_plan_path(st.data_fs) for st in storages.values()])
         if plan is not None:
@@ -319,4 +356,41 @@ def run_repair(config: Config, *, tidlog: Path | None = None,
     for p in result.leftovers:
         if p not in result.safety_copies.values() and p not in result.pruned_to.values():
             echo(f"note: {p} is left from an earlier repair: delete it once you are satisfied")
+    return result
+
+
+def _dry_run(config: Config, storages, tidlog: Path | None, window: float, force_cut: bool,
+             echo: Echo) -> RepairResult:
+    """The plan of a repair, changing nothing (see :func:`run_repair`)."""
+    aws = config.server.all_writers_stamp
+    pending = _read_plan(storages)
+    if pending is not None:
+        result = RepairResult(tidlog=Path(pending["tidlog"]))
+        cuts = {s: _cut_from_json(e["cut"]) for s, e in sorted(pending["storages"].items())}
+        result.cuts = cuts
+        plans = {s: StoragePlan(
+            id=s, path=str(d.path), size=d.size, log_tid=d.tid,
+            start_tid=d.start_tid if d.start_tid is not None else d.tid,
+            cut_tid=d.point.last_tid, offset=d.point.offset, rule=d.rule,
+            why="the cut point of the interrupted repair (kept as it was planned)",
+            dropped=d.point.dropped, log_dropped=d.log_point.dropped)
+            for s, d in cuts.items()}
+        result.plan = CutPlan(
+            command="repair", tidlog=pending["tidlog"], rule=RULE_STAMPS if aws else RULE_LOG,
+            all_writers_stamp=aws, storages=plans,
+            notes=[f"an interrupted repair's plan exists ({PLAN_SUFFIX} beside each Data.fs): "
+                   "repair would resume it, whatever the TID log says now"])
+        return result
+    if tidlog is None:
+        tidlog = require(config.server.status_file, "server.status_file",
+                         "repair (or give a TID log with -t)")
+    tids = tidlog_tids(tidlog, storages, echo)
+    result = RepairResult(tidlog=tidlog)
+    todo = _make_plan(storages, tids, tidlog, window, force_cut, echo, result,
+                      all_writers_stamp=aws, dry_run=True)
+    if todo is None:
+        result.plan.notes.append("nothing to repair: every storage ends at its cut point")
+    result.plan.notes.append("the files were read as they are now, without taking their "
+                             "locks: the repair itself refuses while a server holds one")
+    result.cuts = {}  # nothing was cut
     return result

@@ -19,6 +19,17 @@ destination is as it was.
 ``--check`` restores into temporary directories beside the live files,
 compares (:func:`_compare`), and deletes them.
 
+``--dry-run`` prints the cut plan (:class:`tidstorage.tools.cut.CutPlan`)
+and changes nothing.  The plan cannot be read from the repositories
+without recovering them (repozo's files may be gzipped, and the cut is
+found by reading each ``Data.fs`` tail backward), so each storage is
+recovered by ``repozo -R`` into a temporary directory (beside its
+destination when that directory exists), the cut is decided there, and the
+directory is deleted; no lock is taken, nothing is installed.  With
+``[server] all_writers_stamp = true`` the cut is raised to the stamps' point
+(see :mod:`tidstorage.tools.cut`): a backup taken under load keeps every
+whole transaction its files hold.
+
 ``tidstorage repair`` lives in :mod:`tidstorage.tools.repair`.
 """
 
@@ -56,9 +67,11 @@ from .common import (
 from .cut import (
     CACHE_NOTE,
     CutDecision,
+    CutPlan,
     confirm_cuts,
     decide_cuts,
     describe_cut,
+    make_plan,
     post_check,
     tidlog_tids,
 )
@@ -118,6 +131,9 @@ class RestoreResult:
     storages: dict[str, StorageRestore]
     ok: bool = True
     coherent: bool | None = None
+    #: the cut's plan (also set by a real restore that cuts); with --dry-run
+    #: it is all there is
+    plan: CutPlan | None = None
 
     def lowered(self) -> list[str]:
         return sorted(s for s, r in self.storages.items() if r.cut and r.cut.lowered)
@@ -396,7 +412,7 @@ def _compare(r: StorageRestore, echo: Echo) -> bool:
 def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None = None,
                 no_cut: bool = False, output_dir: Path | None = None, force: bool = False,
                 check: bool = False, window: float = verify.DEFAULT_WINDOW,
-                jobs: int | None = None, force_cut: bool = False,
+                jobs: int | None = None, force_cut: bool = False, dry_run: bool = False,
                 echo: Echo = quiet) -> RestoreResult:
     """Restore every storage (see the module docstring).
 
@@ -409,8 +425,11 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     Raises :class:`ToolError` (nothing changed) or ConfigError.  With
     ``check``, restores into temporary directories beside the live files,
     compares, deletes them, and sets ``result.ok`` to the comparison's
-    outcome.
+    outcome.  With ``dry_run``, only ``result.plan`` (see the module
+    docstring): nothing is changed.
     """
+    if dry_run and (no_cut or check):
+        raise ConfigError("--dry-run shows the cut plan: not with --no-cut nor --check")
     _check_config(config, output_dir=output_dir, check=check, date=date, no_cut=no_cut,
                   tidlog=tidlog)
     set_id = check_identities(config, for_what="restore")
@@ -425,6 +444,9 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
         tids = tidlog_tids(log_path, config.storages, echo)
     elif tidlog is not None:
         raise ConfigError("-t/--tidlog makes no sense with --no-cut")
+    if dry_run:
+        return _dry_run(config, date, tids, log_path, output_dir, force, window, jobs,
+                        force_cut, echo)
     check_dirs = None
     if check:
         check_dirs = {}
@@ -468,29 +490,85 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def _restore_plan(cuts, report, plans, result, aws) -> CutPlan:
+    plan = make_plan("restore", cuts, report, tidlog=result.tidlog, all_writers_stamp=aws,
+                     shown={s: r.target for s, r in plans.items()})
+    plan.context["backup"] = result.date
+    return plan
+
+
+def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, force_cut,
+             echo) -> RestoreResult:
+    """The cut plan of a restore; changes nothing (see the module docstring)."""
+    real = _plan(config, date, tids, output_dir, None)
+    refusal = None
+    try:
+        _refuse_overwrite(real, force)
+    except ToolError as exc:
+        refusal = str(exc).removesuffix("\nnothing was changed")
+    tmp_dirs = {}
+    try:
+        for sid, r in real.items():
+            where = r.target.parent if r.target.parent.is_dir() else None
+            tmp_dirs[sid] = Path(tempfile.mkdtemp(prefix=".tidstorage-dry-run-", dir=where))
+        plans = _plan(config, date, tids, None, tmp_dirs)
+        for sid, r in plans.items():
+            r.snapshot = None  # the blobs are not needed to plan the cut
+        result = RestoreResult(date=date, tidlog=log_path, storages=real)
+        echo(f"dry run: recovering {len(plans)} storage(s) as of {date} into temporary "
+             "directories to plan the cut (deleted afterwards)")
+        _recover_all(plans, date, jobs)
+        aws = config.server.all_writers_stamp
+        try:
+            cuts, report = decide_cuts({s: r.tmp for s, r in plans.items()}, tids,
+                                       window=window, echo=echo, force_cut=force_cut,
+                                       all_writers_stamp=aws)
+        except ScanError as exc:
+            raise ToolError(f"restore failed: {exc}; nothing was changed") from None
+        for s, d in cuts.items():
+            real[s].cut = d
+        result.plan = _restore_plan(cuts, report, real, result, aws)
+        result.plan.notes.append("planned on copies recovered by repozo -R into temporary "
+                                 "directories, now deleted")
+        if refusal:
+            result.plan.notes += [f"restore would refuse: {line}"
+                                  for line in refusal.splitlines()]
+        return result
+    finally:
+        for d in tmp_dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _recover_all(plans: dict[str, StorageRestore], date: str, jobs: int | None) -> None:
+    """repozo -R of every storage, in parallel; ToolError naming each failure."""
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(plans)))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
+        futures = {pool.submit(_recover, r, date): r for r in plans.values()}
+        errors = []
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                fut.result()
+            except ToolError as exc:
+                errors.append(str(exc))
+            except OSError as exc:
+                errors.append(f"storage {futures[fut].id}: {os_error_text(exc)}")
+    if errors:
+        raise ToolError("\n".join(sorted(errors) + ["nothing was changed"]))
+
+
 def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut) -> None:
     try:
-        workers = max(1, min(jobs or os.cpu_count() or 1, len(plans)))
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
-            futures = {pool.submit(_recover, r, date): r for r in plans.values()}
-            errors = []
-            for fut in concurrent.futures.as_completed(futures):
-                try:
-                    fut.result()
-                except ToolError as exc:
-                    errors.append(str(exc))
-                except OSError as exc:
-                    errors.append(f"storage {futures[fut].id}: {os_error_text(exc)}")
-        if errors:
-            raise ToolError("\n".join(sorted(errors) + ["nothing was changed"]))
+        _recover_all(plans, date, jobs)
         for r in plans.values():
             echo(f"storage {r.id}: recovered {r.tmp.stat().st_size} bytes from "
                  f"{len(r.files)} repozo file(s) ({r.files[0]} .. {r.files[-1]})"
                  + (f" and {r.blob_files} blob file(s) from {r.snapshot}" if r.snapshot else ""))
         paths = {s: r.tmp for s, r in plans.items()}
         if tids is not None:
-            cuts, _report = decide_cuts(paths, tids, window=window, echo=echo,
-                                        force_cut=force_cut)
+            aws = config.server.all_writers_stamp
+            cuts, report = decide_cuts(paths, tids, window=window, echo=echo,
+                                       force_cut=force_cut, all_writers_stamp=aws)
+            result.plan = _restore_plan(cuts, report, plans, result, aws)
             for s, d in cuts.items():
                 echo(describe_cut(d, plans[s].target))
                 plans[s].cut = d
