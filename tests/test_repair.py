@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -274,3 +275,31 @@ def test_a_plan_is_not_replayed_over_a_file_that_changed(tmp_path):
     assert f"storage b: {site.data_fs('b')} is " in r.stderr and "changed since the plan" in r.stderr
     assert "remove the plan files" in r.stderr
     assert tree_state(site.root) == state
+
+
+def test_dry_run_of_a_wrong_log_shows_the_lowering_and_changes_nothing(tmp_path):
+    """The default config (legacy writers may not stamp): the log's rule,
+    lowered where the log's point splits T; the dry run changes nothing and
+    the repair then cuts where the plan said."""
+    site, t = _crash_site(tmp_path, publish_t=True, torn=False)
+    before = tree_state(site.root)
+    r = run_cli("repair", "-c", site.config, "--dry-run", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert tree_state(site.root) == before
+    assert not list(site.root.rglob("*.repair-plan"))
+    plan = json.loads(r.stdout)
+    assert plan["rule"] == "log" and plan["all_writers_stamp"] is False
+    assert any("'T-crash'" in sp and "missing in b" in sp for sp in plan["log_splits"])
+    a, b = plan["storages"]["a"], plan["storages"]["b"]
+    assert a["rule"] == "lowered" and b["rule"] == "log"
+    assert a["log_tid"] == t["a"] and a["cut_tid"] < t["a"]
+    assert a["dropped"] == 1 and a["log_dropped"] == 0 and b["dropped"] == 0
+    [txn] = a["transactions"]
+    assert txn["tid"] == t["a"] and txn["stamp"] == "T-crash"
+    assert txn["reason"].startswith("below the TID log's point")
+    assert "cut LOWERED" in r.stderr  # the tool's messages: stderr with --json
+    assert run_cli("repair", "-c", site.config, "--json").returncode == 2
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert site.data_fs("a").stat().st_size == a["offset"]
+    assert site.data_fs("b").stat().st_size == b["offset"] == b["size"]

@@ -12,6 +12,7 @@ The shared backup set (built once, copied for each test):
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -322,3 +323,27 @@ def test_api_reports_the_cut(copy, tmp_path):
         assert cut.point.dropped == 1 and cut.point.last_tid < info["T"][s]
         assert res.storages[s].pruned_blobs == 1
     assert verify.check({s: tmp_path / "api" / f"{s}.fs" for s in site.ids}).ok
+
+
+def test_dry_run_prints_the_cut_plan_and_changes_nothing(copy):
+    site, info = copy
+    before = tree_state(site.root)
+    r = run_cli("restore", "-c", site.config, "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert tree_state(site.root) == before
+    assert not list(site.root.rglob(".tidstorage-dry-run-*"))
+    assert "restore plan (dry run: nothing is changed), rule: the TID log's point" in r.stdout
+    assert f"backup: {info['ts2']}" in r.stdout
+    # T is in b's and c's backups only: dropped there by the log's point
+    assert "[T-split]: after the TID log's point" in r.stdout
+    assert "restore would refuse: storage a:" in r.stdout  # the live files exist
+    r = run_cli("restore", "-c", site.config, "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert {s: (p["rule"], p["dropped"]) for s, p in plan["storages"].items()} == \
+        {"a": ("log", 0), "b": ("log", 1), "c": ("log", 1)}
+    assert tree_state(site.root) == before
+    for args in (["--no-cut"], ["--check"]):
+        r = run_cli("restore", "-c", site.config, "--dry-run", *args)
+        assert r.returncode == 2 and "--dry-run" in r.stderr
+    assert tree_state(site.root) == before
