@@ -322,3 +322,39 @@ def test_repair_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     for s in site.ids:
         assert site.data_fs(s).stat().st_size == st[s]["offset"]
+
+
+def test_a_log_that_splits_is_still_lowered_with_the_stamps_rule(tmp_path):
+    """A wrong TID log publishing T (which c lost): the stamp check lowers a
+    and b below T as without the stamps' rule; nothing above is whole."""
+    import time
+
+    from tidstorage.formats import tidlog
+
+    site, t = _power_loss_site(tmp_path)
+    with open(site.tidlog, "ab") as f:
+        f.write(tidlog.encode_record(time.time(), tidlog.KIND_FULL, t))
+    r = run_cli("repair", "-c", site.config, "--dry-run", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = json.loads(r.stdout)["storages"]
+    assert {s: p["rule"] for s, p in st.items()} == {"a": "lowered", "b": "lowered",
+                                                     "c": "log"}
+    assert [x["tid"] for x in st["a"]["transactions"]] == [t["a"]]
+    r = run_cli("repair", "-c", site.config)
+    assert r.returncode == 0 and "verify: coherent" in r.stdout, r.stdout + r.stderr
+    counts = {s: read_counters(site.data_fs(s), site.blob_dir(s)) for s in site.ids}
+    assert {s: c["multi"] for s, c in counts.items()} == {s: 5 for s in site.ids}
+
+
+@pytest.mark.parametrize("value, ok", [("true", True), ("false", True), ('"yes"', False)])
+def test_the_config_key(tmp_path, value, ok):
+    site = Site(tmp_path / "site", ("a", "b"), blobs=False)
+    text = site.config.read_text()
+    site.config.write_text(text.replace("[server]\n", f"[server]\nall_writers_stamp = {value}\n"))
+    if ok:
+        assert load_config(site.config).server.all_writers_stamp is (value == "true")
+    else:
+        r = run_cli("repair", "-c", site.config, "--dry-run")
+        assert r.returncode == 2 and "server.all_writers_stamp" in r.stderr
+    site.config.write_text(text)
+    assert load_config(site.config).server.all_writers_stamp is False  # the default

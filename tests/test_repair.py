@@ -226,6 +226,16 @@ def test_a_repair_killed_between_two_cuts_is_resumed(tmp_path):
     with open(site.tidlog, "ab") as f:
         from tidstorage.formats import tidlog
         f.write(tidlog.encode_record(time.time(), tidlog.KIND_FULL, {"a": t["a"], "b": t["b"]}))
+    # A dry run says the recorded plan would be resumed (its cut points), and
+    # changes nothing.
+    state = tree_state(site.root)
+    r = run_cli("repair", "-c", site.config, "--dry-run", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    plan = json.loads(r.stdout)
+    assert any("would resume it" in n for n in plan["notes"])
+    assert {s: p["cut_tid"] < t[s] for s, p in plan["storages"].items()} == {"a": True,
+                                                                             "b": True}
+    assert tree_state(site.root) == state and all(p.exists() for p in plans)
     r = run_cli("repair", "-c", site.config)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming the interrupted repair" in r.stdout
