@@ -11,7 +11,7 @@ are checked again (:func:`confirm_cuts`).  Blob files of the revisions
 dropped by the cut are pruned (by the callers).
 
 The stamps' point (``[server] all_writers_stamp = true``)
--------------------------------------------------------
+---------------------------------------------------------
 
 The point found so far, ``L`` (the TID log's point, or its lowering), is
 the *starting point*.  When every writer stamps its multi-storage commits,
@@ -29,8 +29,8 @@ not split, a part ``<= L[m]`` on ``m`` cannot go with a part ``> L[s]`` on
 Soundness: every transaction the raised cut splits, ``L`` splits too (proof
 in ``largest_cut_above``): the raised cut is coherent whenever ``L`` is, and
 never keeps less than ``L``.  ``L`` is exactly coherent when it is the
-daemon's published point and every storage was readable by the daemon
-(rules R1-R3 of :mod:`tidstorage.core.gate`, no time windows, and the files
+daemon's published point, every storage was readable by the daemon and
+every writer stamps (rules R1-R3 of :mod:`tidstorage.core.gate`, no time windows, and the files
 hold at least what was published: a backup of ``s`` is taken after the TID
 log is copied, a live file holds what the daemon read).  A lowered ``L`` is
 coherent as far as :func:`verify.check` sees, which follows a dropped part
