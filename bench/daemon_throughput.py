@@ -760,7 +760,10 @@ def breakdown(args) -> dict:
                                             full_dump_period=10))
         daemon = Daemon(config)
         daemon.tracker.set_bootstrapped()
-        conn = _Connection(daemon)
+        try:  # the handler injected (a499d51 and later)
+            conn = _Connection(daemon, daemon.bulk, auth_required=False)
+        except TypeError:  # older code: the connection received the daemon
+            conn = _Connection(daemon)
         conn.connection_made(_FakeTransport())
         return daemon, conn
 

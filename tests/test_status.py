@@ -192,3 +192,23 @@ def test_assess_rules():
                                 "last_record_age": 1000.0}}
     assert health.assess(stale, full_dump_period=300).code == WARNING
     assert health.assess(stale).code == OK  # no periodic records: age says nothing
+
+
+def test_the_lag_of_a_storage_the_daemon_cannot_read_comes_from_the_reports(cluster):
+    config = cluster.daemon.config_path
+    with cluster.daemon.client() as holder, cluster.daemon.client() as writer:
+        writer.begin("w-0", ["elsewhere"])
+        writer.commit("w-0", {"elsewhere": 0x03C5A5B2E5F0A000})
+        writer.sync()
+        poll_status(config, OK)
+        holder.begin("h-1", ["elsewhere", "a2"], sync=True)  # in flight: holds both
+        writer.begin("w-1", ["elsewhere"])
+        writer.commit("w-1", {"elsewhere": 0x03C5A5B2E5F0B000})  # held back
+        writer.sync()
+        data = poll_status(config, CRITICAL, "--warn", "1", "--crit", "2")
+        info = data["status"]["storages"]["elsewhere"]
+        assert info["oldest_unpublished"] == 0x03C5A5B2E5F0B000 and info["lag"] > 2
+        holder.abort("h-1")
+        holder.sync()
+        data = poll_status(config, OK)
+        assert data["status"]["storages"]["elsewhere"]["lag"] == 0.0

@@ -84,7 +84,6 @@ import collections
 import hashlib
 import hmac
 import json
-import bisect
 import logging
 import random
 import time
@@ -150,10 +149,6 @@ DESCRIBE_MAX = 20
 #: Repeated refusals / decreases: at most one log line per key this often (s).
 LOG_INTERVAL = 10.0
 LOG_KEYS_MAX = 10_000
-#: Reported TIDs remembered per storage above its published point, to tell
-#: the lag (beyond this, the newest are not remembered: the oldest, which
-#: the lag is the age of, are).
-MAX_LAG_TIDS = 100_000
 
 
 # -- actions ------------------------------------------------------------------
@@ -396,9 +391,6 @@ class Coordinator:
         self._scan_again: dict[str, bool] = {s: False for s in readable}
         self._scan_done = {s: 0 for s in readable}  # last completed seq
         self._scanned_once: set[str] = set()
-        #: storage -> reported TIDs above its published point, ascending (the
-        #: lag; at most MAX_LAG_TIDS, the oldest kept)
-        self._reported: dict[str, list[int]] = {}
         self.started = clock()
         self.wall = wall
         #: shell_status() -> what the shell adds to the status (its TID log)
@@ -411,8 +403,11 @@ class Coordinator:
         self._ids = 0
         self._limited = RateLimitedLog(log, clock)
         self.stats = collections.Counter()
-        #: commands applied, by kind; refusals, by reason (the metrics)
-        self.reports: collections.Counter = collections.Counter()
+        #: commands received; refusals, by reason (the metrics; BEGIN,
+        #: COMMIT and ABORT are counted in self.stats)
+        self.events = 0
+        self.refused_events = 0
+        self.begins = self.commits = self.aborts = 0
         self.refusals: collections.Counter = collections.Counter()
         #: the latest verdicts: (txn, "committed" | "aborted" | "split", parts)
         self.verdicts: collections.deque = collections.deque(maxlen=1000)
@@ -494,10 +489,9 @@ class Coordinator:
     def apply(self, peer: Peer, events: list[tuple]) -> bytes:
         """Apply decoded commands from ``peer``; return the replies."""
         replies: list[bytes] = []
-        counts = self.reports
+        self.events += len(events)
         for event in events:
             kind = event[0]
-            counts[kind] += 1
             try:
                 if kind is p.COMMIT:
                     self._end(peer, event[1], event[2])
@@ -540,6 +534,7 @@ class Coordinator:
                     replies.append(b"1\n")  # a repeated AUTH on an authenticated connection
             except Refused as exc:
                 self.refusals[exc.reason] += 1
+                self.refused_events += 1
                 if kind is p.BEGIN or kind is p.HELLO:
                     peer.refused = True
                 if kind is p.HELLO:
@@ -624,6 +619,7 @@ class Coordinator:
                               "future-tid")
 
     def _begin(self, peer: Peer, txn: str, storages: list[str], bounds) -> None:
+        self.begins += 1
         session = peer.session
         if session is None and not self.legacy_clients:
             self._check_client(peer)
@@ -666,6 +662,10 @@ class Coordinator:
         peer.storages.update(members)
 
     def _end(self, peer: Peer, txn: str, tids: Mapping[str, int] | None) -> None:
+        if tids is None:
+            self.aborts += 1
+        else:
+            self.commits += 1
         if peer.session is None and not self.legacy_clients:
             self._check_client(peer)
         state = self._txns.get(txn)
@@ -703,30 +703,11 @@ class Coordinator:
                           f" {sorted(state.storages)}", "mismatch")
         self._forget_txn(state)
         if tids is not None:
-            self._committed(tids)
             if len(tids) > 1:
                 self.gate.report(txn, tids)
             if self.gate.verified:
                 self._scan_hint(tids)
         self._dirty = True
-
-    def _committed(self, tids: Mapping[str, int]) -> None:
-        """Remember reported TIDs above the published point (for the lag)."""
-        published = self.gate.published
-        reported = self._reported
-        for storage, tid in tids.items():
-            if tid <= published.get(storage, NONE):
-                continue
-            lst = reported.get(storage)
-            if lst is None:
-                lst = reported[storage] = []
-            if not lst or tid > lst[-1]:
-                if len(lst) < MAX_LAG_TIDS:
-                    lst.append(tid)
-            else:
-                bisect.insort(lst, tid)
-                if len(lst) > MAX_LAG_TIDS:
-                    lst.pop()
 
     def _forget_txn(self, state: _Txn) -> None:
         txn = state.id
@@ -1174,11 +1155,15 @@ class Coordinator:
         the published point does not cover."""
         published = self.gate.published.get(storage, NONE)
         oldest = self.gate.oldest_unpublished(storage)
-        reported = self._reported.get(storage)
-        if reported:
-            i = bisect.bisect_right(reported, published)
-            if i < len(reported) and (oldest is None or reported[i] < oldest):
-                oldest = reported[i]
+        if not self.kinds.get(storage):
+            # Not read: what the tracker holds back of the reports (and a
+            # tracker point the gate has not taken yet).
+            held = self.tracker.oldest_held(storage)
+            if held is not None and (oldest is None or held < oldest):
+                oldest = held
+            offer = self._offers.get(storage)
+            if offer is not None and offer > published and (oldest is None or offer < oldest):
+                oldest = offer
         return oldest
 
     def lag(self, storage: str) -> float | None:
@@ -1256,7 +1241,8 @@ class Coordinator:
             "held_back": sorted(self._held_back),
             "sessions": len(self._sessions),
             "counts": dict(self.stats),
-            "reports": dict(self.reports),
+            "reports": {"begin": self.begins, "commit": self.commits, "abort": self.aborts,
+                        "all": self.events},
             "refusals": dict(self.refusals),
         }
 
@@ -1285,11 +1271,6 @@ class Coordinator:
         if changed:
             tracker.observe_published(changed)
             self._actions.append(Publish(changed))
-            reported = self._reported
-            for storage, tid in changed.items():
-                lst = reported.get(storage)
-                if lst:
-                    del lst[: bisect.bisect_right(lst, tid)]
 
     # -- helpers ---------------------------------------------------------------
 

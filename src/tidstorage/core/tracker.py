@@ -239,6 +239,16 @@ class Tracker:
             for g in seen.values()
         ]
 
+    def oldest_held(self, storage: str) -> int | None:
+        """The lowest committed TID of ``storage`` that is held back (above
+        its published TID), or None. O(held transactions): for the status."""
+        group = self._group_of.get(storage)
+        if group is None:
+            return None
+        published = self._published.get(storage, -1)
+        tids = [t[storage] for t in group.held if storage in t and t[storage] > published]
+        return min(tids, default=None)
+
     # -- reports ---------------------------------------------------------
 
     def begin(

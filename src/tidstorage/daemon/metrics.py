@@ -19,7 +19,7 @@ Metrics (all prefixed ``tidstorage_``):
 ``unknown_ids``                       storage ids reported, not configured
 ``storage_problems{storage}``         problems listed by ``status``
 ``connections``                       client connections
-``reports_total{kind}``               commands applied, by kind
+``reports_total{kind}``               commands received: begin, commit, abort, all
 ``refusals_total{reason}``            commands refused, by reason
 ``tidlog_write_seconds``              TID log record write + fsync
 ``tidlog_last_record_age_seconds``    age of the TID log's last record
@@ -94,7 +94,8 @@ class _StatusCollector:
             ("connections", "Client connections.", status.get("connections", 0)),
         ):
             yield GaugeMetricFamily(f"tidstorage_{name}", doc, value=float(value or 0))
-        reports = CounterMetricFamily("tidstorage_reports", "Commands applied, by kind.",
+        reports = CounterMetricFamily("tidstorage_reports", "Commands received, by kind"
+                                      " (begin, commit, abort; all: every command).",
                                       labels=["kind"])
         for kind, n in sorted(status.get("reports", {}).items()):
             reports.add_metric([kind.lower()], float(n))
