@@ -185,7 +185,14 @@ def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
             force_cut, dry_run, as_json):
-    """Restore every storage from its backups, cut coherently."""
+    """Restore every storage from its backups, cut coherently.
+
+    \b
+    Examples:
+      tidstorage restore -c site.toml --dry-run          # the plan; nothing changed
+      tidstorage restore -c site.toml --output-dir /srv/restored
+      tidstorage restore -c site.toml --date 2026-11-30 --check
+    """
     from ..formats.repozo import parse_date
     from ..tools.cut import CACHE_NOTE
     from ..tools.restore import run_restore
@@ -256,6 +263,11 @@ def repair(config_path, tidlog, window, force_cut, dry_run, as_json):
     kept; pruned blob files are moved to <blob_dir>.before-repair. The plan
     is recorded first (Data.fs.repair-plan): an interrupted repair is
     resumed by running it again.
+
+    \b
+    Examples:
+      tidstorage repair -c site.toml --dry-run           # the plan; nothing changed
+      tidstorage repair -c site.toml
     """
     from ..tools.cut import CACHE_NOTE
     from ..tools.repair import run_repair
@@ -315,6 +327,12 @@ def verify(config_path, files, tidlog, compute, as_json, window):
     """Report multi-storage transactions split between the files.
 
     Exit 1 if a transaction is split (without --compute), 0 if coherent.
+
+    \b
+    Examples:
+      tidstorage verify -c site.toml                   # the live files' ends
+      tidstorage verify -c site.toml -t var/tidstorage.tid   # the published point
+      tidstorage verify --files a=restored/a.fs --files b=restored/b.fs --compute
     """
     from ..formats.filestorage import find_cut
     from ..tools import verify as v
@@ -392,7 +410,13 @@ def verify(config_path, files, tidlog, compute, as_json, window):
                    "(default: backup.keep_full_backups).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
 def cleanup(config_path, keep, dry_run):
-    """Delete what the newest recorded backups do not need; prune timestamp_file."""
+    """Delete what the newest recorded backups do not need; prune timestamp_file.
+
+    \b
+    Examples:
+      tidstorage cleanup -c site.toml --dry-run
+      tidstorage cleanup -c site.toml --keep 2
+    """
     from ..tools.cleanup import run_cleanup
 
     config = _load(config_path)
@@ -417,6 +441,10 @@ def adopt(config_path, tidlogs, force, dry_run):
     Repositories and TID log copies made before identities existed (or by
     the legacy tool) are refused by backup, restore and cleanup until
     adopted. Refuses what already belongs to another set or storage.
+
+    \b
+    Examples:
+      tidstorage adopt -c site.toml --dry-run
     """
     from ..tools.identity import adopt as run_adopt
 
