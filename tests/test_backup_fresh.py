@@ -90,6 +90,7 @@ def test_the_copy_ends_at_the_daemons_point_not_the_logs_last_record(site):
     outdir = site.tmp / "restored"
     r = run("restore", "-c", str(site.daemon.config_path), "--output-dir", str(outdir))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "a1: done" in r.stderr  # progress lines outside a terminal
     from tidstorage.formats.filestorage import last_tid
     for s, tid in lasts.items():
         assert last_tid(outdir / f"{s}.fs") == tid

@@ -7,6 +7,7 @@ and/or file), 2 bad configuration or usage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ _FORCE_CUT = click.option("--force-cut", is_flag=True,
 
 
 class _BackupProgress:
-    """Per-storage progress bars (rich) on a terminal."""
+    """Per-storage progress bars (rich) on a terminal (backup, restore)."""
 
     def __init__(self, ids):
         from rich.console import Console
@@ -65,9 +66,9 @@ class _BackupProgress:
 
 
 class _PlainProgress:
-    """Progress outside a terminal (cron mail, journald): on stderr, a line
-    per storage when it starts, at each quarter of its estimated size, and
-    when it ends."""
+    """Progress outside a terminal (cron mail, journald) of a backup or a
+    restore: on stderr, a line per storage when it starts, at each quarter
+    of its estimated size, and when it ends."""
 
     def __init__(self) -> None:
         self.shown: dict[str, int] = {}
@@ -88,6 +89,20 @@ class _PlainProgress:
             click.echo(f"{sid}: done, {human_size(done)} written", err=True)
         elif phase == "failed":
             click.echo(f"{sid}: FAILED", err=True)
+
+
+@contextlib.contextmanager
+def _progress(config):
+    """Bars on a terminal, plain lines otherwise (both on stderr)."""
+    if not sys.stderr.isatty():
+        yield _PlainProgress()
+        return
+    bars = _BackupProgress(sorted(config.storages))
+    bars.progress.start()
+    try:
+        yield bars
+    finally:
+        bars.progress.stop()
 
 
 @click.command()
@@ -119,19 +134,9 @@ def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
     from .common import human_size
 
     config = _load(config_path)
-    progress = None
-    with _Errors():
-        if sys.stderr.isatty():
-            progress = _BackupProgress(sorted(config.storages))
-            progress.progress.start()
-        else:
-            progress = _PlainProgress()
-        try:
-            result = run_backup(config, full=full, gzip=gzip, quick=quick, jobs=jobs,
-                                progress=progress, max_lag=max_lag)
-        finally:
-            if isinstance(progress, _BackupProgress):
-                progress.progress.stop()
+    with _Errors(), _progress(config) as progress:
+        result = run_backup(config, full=full, gzip=gzip, quick=quick, jobs=jobs,
+                            progress=progress, max_lag=max_lag)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
@@ -207,12 +212,12 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
     if as_json and not dry_run:
         _fail("--json goes with --dry-run", EXIT_USAGE)
     config = _load(config_path)
-    with _Errors():
+    with _Errors(), _progress(config) as progress:
         result = run_restore(
             config, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
             output_dir=output_dir.resolve() if output_dir else None, force=force,
             check=check, window=window, jobs=jobs, force_cut=force_cut, dry_run=dry_run,
-            echo=_plan_echo(as_json))
+            echo=_plan_echo(as_json), progress=progress)
     if dry_run:
         _print_plan(result.plan, as_json)
         return

@@ -60,12 +60,14 @@ from ..formats.tidlog import TidLogError, read_log
 from .common import (
     BACKUP_LOCK,
     Lock,
+    Progress,
     blob_backup_dir,
     os_error_text,
     read_timestamps,
     require,
     require_storages,
     tidlog_copies,
+    wait_writing,
 )
 from .identity import ensure_identities, tidlog_identity_path, write_identity
 
@@ -87,9 +89,6 @@ __all__ = [
 # Backup
 # ---------------------------------------------------------------------------
 
-#: progress(storage id, phase, done, total): phase in "repozo", "blobs",
-#: "done", "failed"; done/total in bytes (total may be None)
-Progress = Callable[[str, str, int, "int | None"], None]
 
 
 @dataclass
@@ -418,7 +417,7 @@ def _run_repozo(st, args: list[str], progress: Progress | None,
     tmp = repo / rz.SCRATCH_FILE
     proc = children.start(argv)
     try:
-        return _wait(proc, st, tmp, total, progress)
+        return wait_writing(proc, st.id, tmp, total, progress)
     finally:
         if proc.poll() is None:  # interrupted (KeyboardInterrupt): never leave it running
             proc.kill()
@@ -426,20 +425,6 @@ def _run_repozo(st, args: list[str], progress: Progress | None,
         children.done(proc)
 
 
-def _wait(proc, st, tmp: Path, total: int, progress: Progress | None) -> tuple[int, str]:
-    while True:
-        try:
-            _out, err = proc.communicate(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            if progress is not None:
-                try:
-                    done = tmp.stat().st_size
-                except OSError:
-                    done = 0
-                progress(st.id, "repozo", done, total)
-    text = (err or b"").decode(errors="replace").strip()
-    return proc.returncode, text
 
 
 #: Where debris of an interrupted repozo run is moved (out of repozo's sight:

@@ -28,6 +28,8 @@ __all__ = [
     "BACKUP_LOCK",
     "MAX_ID_FILENAME",
     "Echo",
+    "Progress",
+    "wait_writing",
     "Lock",
     "blob_backup_dir",
     "id_filename",
@@ -46,6 +48,10 @@ __all__ = [
 #: How a tool tells what it does, one line at a time (``click.echo`` on the
 #: command line, a list's ``append`` in tests).
 Echo = Callable[[str], None]
+#: progress(storage id, phase, done, total) of a backup or a restore: phase
+#: in "repozo", "blobs", "done", "failed"; done/total in bytes (total may be
+#: None)
+Progress = Callable[[str, str, int, "int | None"], None]
 
 #: The backup lock, in ``status_file_backup_dir``: held by backup, cleanup
 #: and adopt (and inherited by every repozo child of a backup).
@@ -259,3 +265,23 @@ def id_from_filename(name: str) -> str:
     """The storage id of a file name made by :func:`id_filename` (a name
     made the old way, the raw id, gives itself back)."""
     return unquote(name, errors="surrogatepass")
+
+
+def wait_writing(proc, sid: str, path: Path, total: int | None,
+                 progress: Progress | None) -> tuple[int, str]:
+    """Wait for a repozo child that writes ``path``; report its size as
+    progress every 0.2 s. Returns its exit status and its stderr."""
+    import subprocess
+
+    while True:
+        try:
+            _out, err = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if progress is not None:
+                try:
+                    done = path.stat().st_size
+                except OSError:
+                    done = 0
+                progress(sid, "repozo", done, total)
+    return proc.returncode, (err or b"").decode(errors="replace").strip()

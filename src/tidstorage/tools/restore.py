@@ -53,6 +53,7 @@ from . import verify
 from .common import (
     Echo,
     Lock,
+    Progress,
     blob_backup_dir,
     id_filename,
     os_error_text,
@@ -63,6 +64,7 @@ from .common import (
     safety_copy,
     same_bytes,
     set_tidlog_copies,
+    wait_writing,
 )
 from .cut import (
     CACHE_NOTE,
@@ -87,10 +89,6 @@ __all__ = [
     "output_paths",
     "run_restore",
 ]
-
-# Kept importable from here for the modules outside the tools' scope that
-# still name it here (demo/, tests/support/torture.py); its home is repair.py.
-from .repair import run_repair  # noqa: F401
 
 #: Suffix under which restore keeps a file (or blob directory) it replaces.
 RESTORE_SAFETY_SUFFIX = ".before-restore"
@@ -324,13 +322,32 @@ def _cleanup(r: StorageRestore) -> None:
         shutil.rmtree(r.blob_tmp, ignore_errors=True)
 
 
-def _recover(r: StorageRestore, date: str) -> None:
+def _expected_size(r: StorageRestore) -> int | None:
+    """The size repozo -R will write (the chain's last ``.dat`` end)."""
+    fulls = [f for f in r.files if rz.is_full(f)]
+    if not fulls:
+        return None
+    try:
+        entries = rz.read_dat(rz.dat_path(r.repository, fulls[-1]))
+    except (OSError, rz.DatError):
+        return None
+    names = {Path(f).name for f in r.files}
+    ends = [e.end for e in entries if Path(e.name).name in names]
+    return max(ends) if ends else None
+
+
+def _recover(r: StorageRestore, date: str, progress: Progress | None = None) -> None:
     r.target.parent.mkdir(parents=True, exist_ok=True)
     _cleanup(r)  # leftovers of an interrupted restore: ours, never the user's
     argv = rz.repozo_argv() + ["-R", "-w", "-r", str(r.repository), "-D", date, "-o", str(r.tmp)]
-    proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+    total = _expected_size(r) if progress is not None else None
+    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL) as proc:
+        _, err = wait_writing(proc, r.id, r.tmp, total, progress)
+    if progress is not None:
+        progress(r.id, "done" if proc.returncode == 0 else "failed",
+                 r.tmp.stat().st_size if r.tmp.exists() else 0, total)
     if proc.returncode != 0 or not r.tmp.exists():
-        err = proc.stderr.decode(errors="replace").strip()
         last = err.splitlines()[-1] if err else f"exit status {proc.returncode}"
         raise ToolError(f"storage {r.id}: repozo -R failed ({r.repository} as of {date}): {last}")
     if r.snapshot is not None:
@@ -413,7 +430,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                 no_cut: bool = False, output_dir: Path | None = None, force: bool = False,
                 check: bool = False, window: float = verify.DEFAULT_WINDOW,
                 jobs: int | None = None, force_cut: bool = False, dry_run: bool = False,
-                echo: Echo = quiet) -> RestoreResult:
+                echo: Echo = quiet, progress: Progress | None = None) -> RestoreResult:
     """Restore every storage (see the module docstring).
 
     The repositories and the TID log must be this set's (see "Identity" in
@@ -476,7 +493,8 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                     locks.append(Lock(Path(f"{r.target}.lock"),
                                       f"storage {r.id}: {r.target} is in use, stop its "
                                       "server first"))
-            _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut)
+            _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut,
+                         progress)
         finally:
             for lock in locks:
                 lock.release()
@@ -539,11 +557,12 @@ def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, forc
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _recover_all(plans: dict[str, StorageRestore], date: str, jobs: int | None) -> None:
+def _recover_all(plans: dict[str, StorageRestore], date: str, jobs: int | None,
+                 progress: Progress | None = None) -> None:
     """repozo -R of every storage, in parallel; ToolError naming each failure."""
     workers = max(1, min(jobs or os.cpu_count() or 1, len(plans)))
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
-        futures = {pool.submit(_recover, r, date): r for r in plans.values()}
+        futures = {pool.submit(_recover, r, date, progress): r for r in plans.values()}
         errors = []
         for fut in concurrent.futures.as_completed(futures):
             try:
@@ -556,9 +575,10 @@ def _recover_all(plans: dict[str, StorageRestore], date: str, jobs: int | None) 
         raise ToolError("\n".join(sorted(errors) + ["nothing was changed"]))
 
 
-def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut) -> None:
+def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut,
+                 progress: Progress | None = None) -> None:
     try:
-        _recover_all(plans, date, jobs)
+        _recover_all(plans, date, jobs, progress)
         for r in plans.values():
             echo(f"storage {r.id}: recovered {r.tmp.stat().st_size} bytes from "
                  f"{len(r.files)} repozo file(s) ({r.files[0]} .. {r.files[-1]})"
