@@ -482,3 +482,11 @@ def test_hello_answers_the_daemons_id_and_binds_the_session(daemon):
     assert refused == "-" and sync == 0
     for sock in (first, again, other):
         sock.close()
+
+
+def test_a_sigterm_as_soon_as_the_port_opens_still_flushes_and_exits_0(tmp_path):
+    """The signal handlers are installed before the port opens (a SIGTERM
+    that arrived in between killed the daemon without its final flush)."""
+    for i in range(15):
+        d = DaemonProcess(tmp_path / f"d{i}").start()  # returns once the port accepts
+        assert d.stop() == 0, d.log()[-2000:]

@@ -112,11 +112,15 @@ def serve(config_path, address, port, status_file, verbose) -> None:
 
 async def _serve(daemon, handler: logging.Handler) -> None:
     loop = asyncio.get_running_loop()
-    await daemon.start()
+    started = False
+    pending: list[str] = []
 
     def on_stop(signame: str) -> None:
         log.info("received %s, stopping", signame)
-        asyncio.ensure_future(daemon.stop())
+        if started:
+            asyncio.ensure_future(daemon.stop())
+        else:
+            pending.append(signame)  # stopped as soon as the start is complete
 
     def on_hup() -> None:
         if isinstance(handler, _ReopenableFileHandler):
@@ -128,6 +132,12 @@ async def _serve(daemon, handler: logging.Handler) -> None:
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state:\n%s", daemon.describe()))
+    # The handlers are in place before the port opens: a SIGTERM sent as
+    # soon as it accepts connections flushes the TID log like any other.
+    await daemon.start()
+    started = True
+    if pending:
+        await daemon.stop()
     await daemon.wait_stopped()
 
 
