@@ -187,9 +187,16 @@ def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
 @click.option("--dry-run", is_flag=True, help="Print the cut plan (per storage: cut TID, "
               "transactions dropped, why) and change nothing (recovers into a temporary "
               "directory, deleted).")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
+@click.option("--at", "at", metavar="TIME", help="Point-in-time restore: the newest "
+              "coherent point at or before TIME (ISO 8601, UTC unless it has an offset; "
+              "compared with the TIDs' own times), a point id as --list-points prints it, "
+              "or 'latest'; from the first backup that holds it.")
+@click.option("--list-points", is_flag=True, help="List the backups and the points they "
+              "can restore to (with the gaps); change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run or --list-points: "
+              "JSON.")
 def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
-            force_cut, dry_run, as_json):
+            force_cut, dry_run, at, list_points, as_json):
     """Restore every storage from its backups, cut coherently.
 
     \b
@@ -197,11 +204,28 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
       tidstorage restore -c site.toml --dry-run          # the plan; nothing changed
       tidstorage restore -c site.toml --output-dir /srv/restored
       tidstorage restore -c site.toml --date 2026-11-30 --check
+      tidstorage restore -c site.toml --list-points      # what --at can restore to
+      tidstorage restore -c site.toml --at 2026-11-30T14:05:00Z --output-dir /srv/pitr
     """
     from ..formats.repozo import parse_date
     from ..tools.cut import CACHE_NOTE
     from ..tools.restore import run_restore
 
+    if list_points:
+        if any([date, tidlog, no_cut, check, output_dir, force, dry_run, at]):
+            _fail("--list-points only lists: not with other restore options", EXIT_USAGE)
+        _list_points(_load(config_path), as_json)
+        return
+    if at is not None:
+        from ..tools.pitr import parse_at
+
+        if date is not None or tidlog is not None or no_cut:
+            _fail("--at chooses the backup and the point: not with --date, -t/--tidlog "
+                  "nor --no-cut", EXIT_USAGE)
+        try:
+            parse_at(at)
+        except ValueError as exc:
+            _fail(str(exc), EXIT_USAGE)
     if date is not None:
         try:
             parse_date(date)
@@ -210,11 +234,11 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
     if check and output_dir is not None:
         _fail("--check and --output-dir cannot be used together", EXIT_USAGE)
     if as_json and not dry_run:
-        _fail("--json goes with --dry-run", EXIT_USAGE)
+        _fail("--json goes with --dry-run or --list-points", EXIT_USAGE)
     config = _load(config_path)
     with _Errors(), _progress(config) as progress:
         result = run_restore(
-            config, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
+            config, at=at, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
             output_dir=output_dir.resolve() if output_dir else None, force=force,
             check=check, window=window, jobs=jobs, force_cut=force_cut, dry_run=dry_run,
             echo=_plan_echo(as_json), progress=progress)
@@ -232,6 +256,23 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         click.echo(CACHE_NOTE)
     else:
         click.echo("note: if these files replace live storages: " + CACHE_NOTE)
+
+
+def _list_points(config, as_json):
+    from ..tools.common import require, require_storages
+    from ..tools.identity import check_identities
+    from ..tools.pitr import inventory
+
+    with _Errors():
+        require_storages(config)
+        require(config.backup.timestamp_file, "backup.timestamp_file", "restore --list-points")
+        check_identities(config, for_what="restore --list-points")
+        inv = inventory(config)
+    if as_json:
+        click.echo(json.dumps(inv.to_json(), indent=2, sort_keys=True))
+    else:
+        for line in inv.lines():
+            click.echo(line)
 
 
 def _plan_echo(as_json):

@@ -30,6 +30,10 @@ directory is deleted; no lock is taken, nothing is installed.  With
 (see :mod:`tidstorage.tools.cut`): a backup taken under load keeps every
 whole transaction its files hold.
 
+``--at TIME`` (point-in-time restore) picks a coherent point of the TID log
+copies and the first backup whose files hold it
+(:mod:`tidstorage.tools.pitr`), then restores as above, cut at that point.
+
 ``tidstorage repair`` lives in :mod:`tidstorage.tools.repair`.
 """
 
@@ -132,6 +136,8 @@ class RestoreResult:
     #: the cut's plan (also set by a real restore that cuts); with --dry-run
     #: it is all there is
     plan: CutPlan | None = None
+    #: --at: what was chosen (:meth:`tidstorage.tools.pitr.Target.context`)
+    point: dict | None = None
 
     def lowered(self) -> list[str]:
         return sorted(s for s, r in self.storages.items() if r.cut and r.cut.lowered)
@@ -430,7 +436,8 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                 no_cut: bool = False, output_dir: Path | None = None, force: bool = False,
                 check: bool = False, window: float = verify.DEFAULT_WINDOW,
                 jobs: int | None = None, force_cut: bool = False, dry_run: bool = False,
-                echo: Echo = quiet, progress: Progress | None = None) -> RestoreResult:
+                echo: Echo = quiet, progress: Progress | None = None,
+                at: str | None = None) -> RestoreResult:
     """Restore every storage (see the module docstring).
 
     The repositories and the TID log must be this set's (see "Identity" in
@@ -443,17 +450,41 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     ``check``, restores into temporary directories beside the live files,
     compares, deletes them, and sets ``result.ok`` to the comparison's
     outcome.  With ``dry_run``, only ``result.plan`` (see the module
-    docstring): nothing is changed.
+    docstring): nothing is changed.  With ``at`` (``--at``: a time, a point
+    id or ``latest``), the point and the backup are chosen by
+    :func:`tidstorage.tools.pitr.choose_target` (not with ``date``,
+    ``tidlog`` nor ``no_cut``).
     """
+    if at is not None and (date is not None or tidlog is not None or no_cut):
+        raise ConfigError("--at chooses the backup and the point: not with --date, "
+                          "-t/--tidlog nor --no-cut")
     if dry_run and (no_cut or check):
         raise ConfigError("--dry-run shows the cut plan: not with --no-cut nor --check")
     _check_config(config, output_dir=output_dir, check=check, date=date, no_cut=no_cut,
                   tidlog=tidlog)
     set_id = check_identities(config, for_what="restore")
-    date = _choose_date(config, date, echo, tidlog_copy=not no_cut and tidlog is None)
+    target = before_cut = None
+    if at is not None:
+        from .pitr import choose_target, cut_at_bound
+        require(config.backup.timestamp_file, "backup.timestamp_file", "restore --at")
+        try:
+            target = choose_target(config, at, echo)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        date = target.backup.timestamp
+        _choose_date(config, date, echo, tidlog_copy=False)  # still restorable
+        if target.bound is not None:
+            before_cut = cut_at_bound(target.bound, echo)
+    else:
+        date = _choose_date(config, date, echo, tidlog_copy=not no_cut and tidlog is None)
     tids = None
     log_path = None
-    if not no_cut:
+    if target is not None:
+        log_path = target.point.path
+        check_tidlog_identity(config, log_path, set_id,
+                              chosen=target.point.source != "live")
+        tids = target.tids
+    elif not no_cut:
         log_path = _choose_tidlog(config, date, tidlog)
         if not log_path.exists():
             raise ToolError(f"TID log {log_path} does not exist")
@@ -462,8 +493,12 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
     elif tidlog is not None:
         raise ConfigError("-t/--tidlog makes no sense with --no-cut")
     if dry_run:
-        return _dry_run(config, date, tids, log_path, output_dir, force, window, jobs,
-                        force_cut, echo)
+        result = _dry_run(config, date, tids, log_path, output_dir, force, window, jobs,
+                          force_cut, echo, before_cut)
+        if target is not None:
+            result.point = target.context()
+            result.plan.context.update(result.point)
+        return result
     check_dirs = None
     if check:
         check_dirs = {}
@@ -482,7 +517,8 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                                             if config.storages[sid].blob_dir else None)
         else:
             _refuse_overwrite(plans, force)
-        result = RestoreResult(date=date, tidlog=log_path, storages=plans)
+        result = RestoreResult(date=date, tidlog=log_path, storages=plans,
+                               point=None if target is None else target.context())
         echo(f"restoring {len(plans)} storage(s) as of {date}"
              + (f", cut at the TIDs of {log_path}" if log_path else ", without cutting"))
         locks = []
@@ -494,7 +530,7 @@ def run_restore(config: Config, *, date: str | None = None, tidlog: Path | None 
                                       f"storage {r.id}: {r.target} is in use, stop its "
                                       "server first"))
             _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut,
-                         progress)
+                         progress, before_cut)
         finally:
             for lock in locks:
                 lock.release()
@@ -516,7 +552,7 @@ def _restore_plan(cuts, report, plans, result, aws) -> CutPlan:
 
 
 def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, force_cut,
-             echo) -> RestoreResult:
+             echo, before_cut=None) -> RestoreResult:
     """The cut plan of a restore; changes nothing (see the module docstring)."""
     real = _plan(config, date, tids, output_dir, None)
     refusal = None
@@ -538,6 +574,8 @@ def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, forc
         _recover_all(plans, date, jobs)
         aws = config.server.all_writers_stamp
         try:
+            if before_cut is not None:
+                before_cut({s: r.tmp for s, r in plans.items()})
             cuts, report = decide_cuts({s: r.tmp for s, r in plans.items()}, tids,
                                        window=window, echo=echo, force_cut=force_cut,
                                        all_writers_stamp=aws)
@@ -576,7 +614,7 @@ def _recover_all(plans: dict[str, StorageRestore], date: str, jobs: int | None,
 
 
 def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cut,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, before_cut=None) -> None:
     try:
         _recover_all(plans, date, jobs, progress)
         for r in plans.values():
@@ -586,6 +624,8 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
         paths = {s: r.tmp for s, r in plans.items()}
         if tids is not None:
             aws = config.server.all_writers_stamp
+            if before_cut is not None:  # --at with the stamps: nothing after TIME
+                before_cut(paths)
             cuts, report = decide_cuts(paths, tids, window=window, echo=echo,
                                        force_cut=force_cut, all_writers_stamp=aws)
             result.plan = _restore_plan(cuts, report, plans, result, aws)

@@ -1,0 +1,549 @@
+"""Point-in-time restore: the coherent points a backup set can restore to.
+
+``tidstorage restore --at TIME`` restores every storage to the newest
+coherent point at or before ``TIME`` that the backups hold;
+``tidstorage restore --list-points`` shows the backups and the points each
+can restore to, with the gaps.
+
+Points
+------
+Every TID log copy in ``status_file_backup_dir`` (and the live TID log,
+``server.status_file``) is a history of published points: folding its
+records in order, the state after each record is a coherent point the
+daemon published.  The same state read from several copies (each copy
+repeats the history before it) is one point; its id is
+``<source>:<line>`` of the first record that produced it, the source being
+the copy's timestamp (or ``live`` for the live log, whose ids last only as
+long as that file is not rewritten).  Any record of any source that
+produced the same state is accepted as an alias.  A state that lacks one
+of the configured storages is not a point of this set (it cannot be cut).
+
+Points are ordered by their record's time.  A point ``P`` is *at or before*
+``T`` when every ``P[s]`` is a TID whose own time (the storage's clock,
+:func:`tidstorage.core.tids.tid_seconds`) is ``<= T``: the restored files
+then hold no transaction committed after ``T``, and the newest such point is
+the state of the set at ``T`` as far as it was published.  (The record's
+time is when the daemon wrote the point, up to ``burst_period`` after its
+TIDs; comparing it would refuse points whose data all predates ``T``.)
+
+Which backup
+------------
+A recorded backup ``B`` (``timestamp_file``) *holds* ``P`` when its repozo
+chain, recovered as of ``B``, ends at or beyond every ``P[s]``.  How far a
+chain goes is exact and cheap: the chain's ``.dat`` gives the end offset
+``E`` of the recovered ``Data.fs``, and the 8 bytes before ``E`` in the
+chain's last file are the redundant length of the last transaction, whose
+header (and TID) is right before it (:func:`chain_last_tid`: three small
+reads; a gzipped last file is decompressed up to there, once per process).
+``P`` is restored from the *first* recorded, restorable backup that holds it
+(the shortest chain): recovered with ``repozo -R`` as of that backup, cut at
+``P`` exactly as a restore cuts at the TID log's point
+(:func:`tidstorage.tools.cut.decide_cuts`), verified after cutting
+(:func:`tidstorage.tools.cut.confirm_cuts`).
+
+With ``[server] all_writers_stamp = true`` the stamps prove more points than
+the log holds: the cut is raised above ``P`` to keep every whole transaction
+the files hold, but never beyond ``T``: the recovered files are first cut at
+the last TID at or before ``T`` (a transaction split by that is missing one
+part, so the stamps' rule drops it everywhere).  The backup is then the
+first one holding ``P`` whose files also hold everything up to ``T`` on
+every storage (a transaction after ``T`` on each, or taken after ``T``);
+failing that, the newest one holding ``P``.
+
+Gaps: the points no restorable backup holds (after the newest backup's
+files: points of the live log, of copies of failed backups, or whose
+backups' files were deleted or damaged) and the time before the first
+point.  ``--at`` on such a point fails, naming the nearest restorable points
+before and after it.
+
+Not detected: a chain whose full backup was taken after a pack holds no
+exact state older than the pack; a point older than the pack is restored
+from it only if no older chain holds it (keep the pre-pack chains for that).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config
+from ..core.tids import tid_at, tid_seconds, tid_time
+from ..errors import ToolError
+from ..formats import repozo as rz
+from ..formats.tidlog import TidLogError, fold_record, read_log
+from .common import Echo, quiet, read_timestamps, set_tidlog_copies
+
+__all__ = [
+    "BackupInfo",
+    "Inventory",
+    "Point",
+    "Target",
+    "chain_last_tid",
+    "choose_target",
+    "inventory",
+    "parse_at",
+    "tid_bound",
+]
+
+LIVE = "live"
+_ID_RE = re.compile(rf"({rz.TIMESTAMP_RE.pattern}|{LIVE}):(\d+)")
+
+
+# -- TIME ------------------------------------------------------------------
+
+
+def parse_at(text: str) -> tuple[str, object]:
+    """``("latest", None)``, ``("id", id)`` or ``("time", unix seconds)``.
+
+    A time is ISO 8601 (``2026-11-30T12:00:00.5``, ``2026-11-30 12:00``,
+    with ``Z`` or ``+02:00``; UTC without an offset), or repozo's
+    ``YYYY-MM-DD-HH-MM-SS``.  Raises ValueError.
+    """
+    text = text.strip()
+    if text.lower() == "latest":
+        return "latest", None
+    if _ID_RE.fullmatch(text):
+        return "id", text
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            return "time", float(rz.timestamp_seconds(rz.parse_date(text)))
+        except ValueError:
+            raise ValueError(f"bad --at {text!r}: expected an ISO 8601 time (UTC unless it "
+                             "has an offset), a point id as --list-points prints it "
+                             "(<copy timestamp>:<line>), or 'latest'") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return "time", moment.timestamp()
+
+
+def tid_bound(seconds: float) -> int:
+    """The largest TID whose time is ``<= seconds``."""
+    t = tid_at(seconds)
+    return t if tid_seconds(t) <= seconds else max(t - 1, 0)
+
+
+def _utc(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+# -- how far a chain goes ----------------------------------------------------
+
+
+_LAST_TID_CACHE: dict[tuple, int | None] = {}
+
+
+def _read_range(repo: Path, entries: list[rz.DatEntry], offset: int, n: int) -> bytes:
+    out = b""
+    while n > 0:
+        e = next((e for e in entries if e.start <= offset < e.end), None)
+        if e is None:
+            raise rz.DatError(f"offset {offset} is in no file of the chain")
+        path = repo / e.name
+        want = min(n, e.end - offset)
+        if e.name.endswith("z"):
+            with gzip.open(path, "rb") as f:
+                f.seek(offset - e.start)
+                data = f.read(want)
+        else:
+            with open(path, "rb") as f:
+                f.seek(offset - e.start)
+                data = f.read(want)
+        if len(data) != want:
+            raise rz.DatError(f"{path} is shorter than its .dat says")
+        out += data
+        offset += want
+        n -= want
+    return out
+
+
+def chain_last_tid(repo: Path, files: list[str]) -> tuple[int, int | None]:
+    """``(end, last TID)`` of what the chain ``files`` (from
+    :func:`~tidstorage.formats.repozo.verified_chain`) recovers: the
+    ``Data.fs`` size and the TID of its last transaction (None: no
+    transaction).  Raises OSError or DatError."""
+    entries = [e for e in rz.read_dat(rz.dat_path(repo, files[0]))
+               if e.name in set(files)]
+    if not entries:
+        raise rz.DatError(f"{rz.dat_path(repo, files[0])} lists none of {files[0]} ...")
+    last = entries[-1]
+    end = last.end
+    st = (repo / last.name).stat()
+    key = (str(repo / last.name), st.st_size, st.st_mtime_ns, end)
+    if key in _LAST_TID_CACHE:
+        return end, _LAST_TID_CACHE[key]
+    tid = None
+    if end > 4:
+        tlen = int.from_bytes(_read_range(repo, entries, end - 8, 8), "big")
+        pos = end - 8 - tlen
+        if pos < 4:
+            raise rz.DatError(f"{repo / last.name}: its last transaction length {tlen} does "
+                              "not fit in the chain")
+        header = _read_range(repo, entries, pos, 16)
+        if int.from_bytes(header[8:], "big") != tlen:
+            raise rz.DatError(f"{repo / last.name}: the last transaction's lengths differ "
+                              "(not a FileStorage transaction boundary)")
+        tid = int.from_bytes(header[:8], "big")
+    _LAST_TID_CACHE[key] = tid
+    return end, tid
+
+
+# -- the inventory -------------------------------------------------------------
+
+
+@dataclass
+class StorageBackupInfo:
+    mode: str                   #: "full", "incremental", "unchanged" (or "" if broken)
+    files: list[str]            #: files this backup added to the chain
+    bytes: int                  #: their size
+    chain_files: int
+    chain_bytes: int
+    end: int | None = None      #: size of the recovered Data.fs
+    last_tid: int | None = None  #: its last transaction
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "files": self.files, "bytes": self.bytes,
+                "chain_files": self.chain_files, "chain_bytes": self.chain_bytes,
+                "end": self.end, "last_tid": self.last_tid,
+                "last_tid_time": None if self.last_tid is None else tid_time(self.last_tid)}
+
+
+@dataclass
+class BackupInfo:
+    timestamp: str              #: as recorded in timestamp_file (restore --date)
+    started: str | None         #: its TID log copy's timestamp (None: none)
+    storages: dict[str, StorageBackupInfo]
+    problems: list[str] = field(default_factory=list)
+    first_points: list[Point] = field(default_factory=list)  #: restored from here
+    holds: int = 0              #: points it holds (first here or not)
+
+    @property
+    def restorable(self) -> bool:
+        return not self.problems
+
+    def holds_point(self, p: Point) -> bool:
+        return self.restorable and all(
+            p.tids[s] <= (self.storages[s].last_tid or 0) for s in p.tids)
+
+    def to_json(self) -> dict:
+        fp = self.first_points
+        return {"timestamp": self.timestamp, "started": self.started,
+                "restorable": self.restorable, "problems": list(self.problems),
+                "storages": {s: i.to_json() for s, i in sorted(self.storages.items())},
+                "points_held": self.holds, "first_for_points": len(fp),
+                "first_point": fp[0].id if fp else None,
+                "last_point": fp[-1].id if fp else None}
+
+
+@dataclass
+class Point:
+    id: str                     #: "<source>:<line>" of the first record giving it
+    source: str                 #: the copy's timestamp, or "live"
+    path: Path                  #: the TID log it was read from
+    lineno: int
+    time: float                 #: its record's time
+    tids: dict[str, int]
+    backup: BackupInfo | None = None  #: the first restorable backup holding it
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def newest(self) -> int:
+        return max(self.tids.values())
+
+    @property
+    def data_time(self) -> float:
+        """The time of its newest TID: the data it restores is as of then."""
+        return tid_seconds(self.newest)
+
+    def label(self) -> str:
+        return f"{self.id} (data as of {tid_time(self.newest)} UTC)"
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "source": self.source, "tidlog": str(self.path),
+                "line": self.lineno, "record_time": _utc(self.time),
+                "data_time": tid_time(self.newest), "tids": dict(sorted(self.tids.items())),
+                "restorable": self.backup is not None,
+                "backup": None if self.backup is None else self.backup.timestamp}
+
+
+@dataclass
+class Inventory:
+    """What the backup set can restore to (``--list-points``)."""
+
+    backups: list[BackupInfo]
+    points: list[Point]         #: ordered by record time
+    by_id: dict[str, Point]     #: every id and alias
+    incomplete: int = 0         #: states lacking a configured storage
+    warnings: list[str] = field(default_factory=list)
+    all_writers_stamp: bool = False
+
+    def restorable(self) -> list[Point]:
+        return [p for p in self.points if p.backup is not None]
+
+    def runs(self) -> list[tuple[bool, list[Point]]]:
+        """Consecutive points, grouped: (restorable, points)."""
+        out: list[tuple[bool, list[Point]]] = []
+        for p in self.points:
+            ok = p.backup is not None
+            if out and out[-1][0] == ok:
+                out[-1][1].append(p)
+            else:
+                out.append((ok, [p]))
+        return out
+
+    def nearest(self, p: Point) -> tuple[Point | None, Point | None]:
+        """The restorable points just before and just after ``p``."""
+        i = self.points.index(p)
+        before = next((q for q in reversed(self.points[:i]) if q.backup), None)
+        after = next((q for q in self.points[i + 1:] if q.backup), None)
+        return before, after
+
+    def to_json(self) -> dict:
+        return {"backups": [b.to_json() for b in self.backups],
+                "points": [p.to_json() for p in self.points],
+                "ranges": [{"restorable": ok, "first": run[0].id, "last": run[-1].id,
+                            "points": len(run), "from": tid_time(run[0].newest),
+                            "to": tid_time(run[-1].newest)} for ok, run in self.runs()],
+                "incomplete_states": self.incomplete, "warnings": list(self.warnings),
+                "all_writers_stamp": self.all_writers_stamp}
+
+    def lines(self) -> list[str]:
+        from ..cli.common import human_size
+
+        out = [f"backups: {len(self.backups)} recorded"]
+        for b in self.backups:
+            parts = []
+            for s, i in sorted(b.storages.items()):
+                where = ("?" if i.end is None else
+                         f"to {tid_time(i.last_tid)}" if i.last_tid is not None else "empty")
+                parts.append(f"{s} {i.mode or 'BROKEN'} {human_size(i.bytes)} "
+                             f"(chain {i.chain_files} file(s), {human_size(i.chain_bytes)}, "
+                             f"data {where})")
+            out.append(f"  {b.timestamp}: " + "; ".join(parts))
+            if b.problems:
+                out += [f"    NOT RESTORABLE: {p}" for p in b.problems]
+            elif b.first_points:
+                fp = b.first_points
+                out.append(f"    restores {len(fp)} point(s) first: {fp[0].label()}"
+                           + (f" .. {fp[-1].label()}" if len(fp) > 1 else "")
+                           + f"; holds {b.holds} point(s) in all")
+            else:
+                out.append(f"    restores no point first (holds {b.holds}: an earlier "
+                           "backup holds them too)")
+        n_ok = len(self.restorable())
+        out.append(f"points: {len(self.points)} coherent point(s), {n_ok} restorable"
+                   + (f" ({self.incomplete} state(s) without every storage ignored)"
+                      if self.incomplete else ""))
+        if self.points:
+            out.append(f"  nothing to restore before {tid_time(self.points[0].newest)} UTC "
+                       "(the oldest point)")
+        for ok, run in self.runs():
+            span = run[0].label() + (f" .. {run[-1].label()}" if len(run) > 1 else "")
+            if ok:
+                out.append(f"  restorable: {span}: {len(run)} point(s)")
+            else:
+                out.append(f"  GAP: {span}: {len(run)} point(s) no restorable backup holds")
+        if self.all_writers_stamp:
+            out.append("  all_writers_stamp = true: --at TIME also keeps, above the point, "
+                       "every whole transaction up to TIME the chosen backup holds")
+        out += [f"warning: {w}" for w in self.warnings]
+        return out
+
+
+def _backup_infos(config: Config) -> list[BackupInfo]:
+    from .restore import backup_problems
+
+    stamps = read_timestamps(config.backup.timestamp_file)
+    copies = set_tidlog_copies(config)
+    out, prev = [], None
+    for stamp in stamps:
+        problems = backup_problems(config, stamp, tidlog_copy=False)
+        started = next((ts for ts, _ in reversed(copies) if ts <= stamp), None)
+        infos = {}
+        for sid, st in sorted(config.storages.items()):
+            try:
+                files = rz.verified_chain(st.backup_dir, stamp)
+            except rz.RepositoryError:
+                infos[sid] = StorageBackupInfo("", [], 0, 0, 0)
+                continue  # named by backup_problems
+            sizes = {f: (st.backup_dir / f).stat().st_size for f in files}
+            new = [f for f in files if prev is None or rz.file_date(f) > prev]
+            mode = ("full" if new and rz.is_full(new[0]) else
+                    "incremental" if new else "unchanged")
+            info = StorageBackupInfo(mode, new, sum(sizes[f] for f in new), len(files),
+                                     sum(sizes.values()))
+            try:
+                info.end, info.last_tid = chain_last_tid(st.backup_dir, files)
+            except (OSError, rz.DatError) as exc:
+                problems.append(f"storage {sid}: cannot tell how far the chain goes: {exc}")
+            infos[sid] = info
+        out.append(BackupInfo(stamp, started, infos, problems))
+        prev = stamp
+    return out
+
+
+def inventory(config: Config) -> Inventory:
+    """The backups and the points (see the module docstring)."""
+    ids = sorted(config.storages)
+    inv = Inventory(_backup_infos(config), [], {},
+                    all_writers_stamp=config.server.all_writers_stamp)
+    sources = list(set_tidlog_copies(config))
+    live = config.server.status_file
+    if live is not None and live.exists():
+        sources.append((LIVE, live))
+    seen: dict[tuple, Point] = {}
+    incomplete: set[tuple] = set()
+    for name, path in sources:
+        try:
+            contents = read_log(path)
+        except (TidLogError, OSError) as exc:
+            inv.warnings.append(f"TID log {path} skipped: {exc}")
+            continue
+        state: dict[str, int] = {}
+        for rec in contents.records:
+            fold_record(state, rec)
+            if any(s not in state for s in ids):
+                incomplete.add(tuple(sorted(state.items())))
+                continue
+            tids = {s: state[s] for s in ids}
+            key = tuple(tids[s] for s in ids)
+            pid = f"{name}:{rec.lineno}"
+            p = seen.get(key)
+            if p is None:
+                p = seen[key] = Point(pid, name, path, rec.lineno, rec.time, tids)
+            else:
+                p.aliases.append(pid)
+            inv.by_id.setdefault(pid, p)
+    inv.incomplete = len(incomplete)
+    inv.points = sorted(seen.values(), key=lambda p: (p.time, p.source == LIVE, p.id))
+    for p in inv.points:
+        holding = [b for b in inv.backups if b.holds_point(p)]
+        for b in holding:
+            b.holds += 1
+        if holding:
+            p.backup = holding[0]
+            holding[0].first_points.append(p)
+    return inv
+
+
+# -- choosing -------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """What ``restore --at`` restores."""
+
+    point: Point
+    backup: BackupInfo
+    at: str                     #: as given
+    #: with all_writers_stamp: the recovered files are first cut at this TID
+    #: (the last TID at or before TIME); None: no such bound
+    bound: int | None = None
+
+    @property
+    def tids(self) -> dict[str, int]:
+        return dict(self.point.tids)
+
+    def context(self) -> dict:
+        out = {"at": self.at, "point": self.point.label(), "point_tidlog": str(self.point.path),
+               "backup": self.backup.timestamp}
+        if self.bound is not None:
+            out["stamps_bound"] = f"{self.bound:#018x} ({tid_time(self.bound)} UTC)"
+        return out
+
+
+def _unrestorable(inv: Inventory, p: Point, why: str) -> ToolError:
+    before, after = inv.nearest(p)
+    newest = next((b for b in reversed(inv.backups) if b.restorable), None)
+    ends = ("" if newest is None else
+            f"; the newest restorable backup, {newest.timestamp}, holds data up to "
+            + ", ".join(f"{s} {tid_time(i.last_tid) if i.last_tid else 'nothing'}"
+                        for s, i in sorted(newest.storages.items())))
+    return ToolError("\n".join([
+        f"point {p.label()} cannot be restored: {why}{ends}",
+        "nearest restorable points: before: "
+        + (before.label() if before else "none")
+        + "; after: " + (after.label() if after else "none")
+        + " (give one with --at ID; see restore --list-points); nothing was changed"]))
+
+
+def choose_target(config: Config, at: str, echo: Echo = quiet,
+                  inv: Inventory | None = None) -> Target:
+    """The point and the backup ``restore --at`` uses (see the module
+    docstring).  Raises ToolError naming the nearest restorable points when
+    the point is not restorable, ValueError for a bad ``at``."""
+    kind, value = parse_at(at)
+    inv = inv or inventory(config)
+    for w in inv.warnings:
+        echo(f"warning: {w}")
+    ok = inv.restorable()
+    seconds = None
+    if kind == "latest":
+        if not ok:
+            raise ToolError("no restorable point: no recorded backup holds a point of the "
+                            "TID log copies (see restore --list-points); nothing was changed")
+        p = ok[-1]
+    elif kind == "id":
+        p = inv.by_id.get(value)
+        if p is None:
+            raise ToolError(f"no point {value} (see restore --list-points for the ids); "
+                            "nothing was changed")
+        seconds = p.data_time
+    else:
+        seconds = value
+        bound = tid_bound(seconds)
+        before = [q for q in inv.points if q.newest <= bound]
+        if not before:
+            first = ok[0].label() if ok else "none"
+            raise ToolError(f"no coherent point at or before {_utc(seconds)} UTC: the oldest "
+                            f"point is {inv.points[0].label() if inv.points else 'none'}; "
+                            f"nearest restorable point: {first}; nothing was changed")
+        p = before[-1]
+    if p.backup is None:
+        raise _unrestorable(inv, p, "no restorable recorded backup holds it (its TIDs are "
+                                    "beyond their files)")
+    backup, bound = p.backup, None
+    if config.server.all_writers_stamp and seconds is not None:
+        # an id: up to its own newest TID (its time, as a float, may round below it)
+        bound = p.newest if kind == "id" else tid_bound(seconds)
+        holding = [b for b in inv.backups if b.holds_point(p)]
+        backup = next((b for b in holding if all(
+            (i.last_tid or 0) > bound for i in b.storages.values())
+            or (b.started is not None and rz.timestamp_seconds(b.started) >= seconds)),
+            holding[-1])
+    target = Target(p, backup, at, bound)
+    if seconds is not None and kind == "time":
+        echo(f"newest coherent point at or before {_utc(seconds)} UTC: {p.label()}, "
+             f"published {_utc(p.time)} UTC, from {p.path}")
+    else:
+        echo(f"point {p.label()}, published {_utc(p.time)} UTC, from {p.path}")
+    echo(f"restoring backup {backup.timestamp}: "
+         + ("the first backup whose files hold it on every storage" if backup is p.backup
+            else "the first whose files hold every transaction up to the time asked "
+                 "(all_writers_stamp)"))
+    return target
+
+
+def cut_at_bound(bound: int, echo: Echo = quiet):
+    """The step before the cut of ``--at`` with the stamps: each recovered
+    file is first cut after its last transaction at or before ``bound`` (the
+    last TID at or before TIME), so that the stamps' raise keeps nothing
+    newer."""
+    from ..formats import filestorage
+
+    def cut(paths: dict[str, Path]) -> None:
+        for s, path in sorted(paths.items()):
+            point = filestorage.find_cut(path, bound)
+            size = os.path.getsize(path)
+            if point.offset < size:
+                filestorage.truncate_at(path, point.offset)
+                echo(f"storage {s}: {point.dropped} transaction(s) after "
+                     f"{tid_time(bound)} UTC dropped first (nothing newer than the time "
+                     "asked is kept)")
+    return cut
