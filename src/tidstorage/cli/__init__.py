@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from . import config, daemon, tools
+from . import config, daemon, heal, standby, tools
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +20,8 @@ def main() -> None:
 daemon.register(main)
 tools.register(main)
 config.register(main)
+heal.register(main)
+standby.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover
