@@ -251,3 +251,39 @@ def test_stamps_keep_whole_transactions_up_to_time(copy, tmp_path):
     assert plan["context"]["at"] == at and "stamps_bound" in plan["context"]
     assert {s: p["cut_tid"] for s, p in plan["storages"].items()} == c["X"]
     assert not (tmp_path / "dry").exists()
+
+
+def test_gzipped_chain_and_a_damaged_backup(tmp_path):
+    """repozo -z files: how far each chain goes is read through gzip; a
+    backup whose file is gone restores nothing, and says why."""
+    site = Site(tmp_path / "gz", ids=("a", "b"), blobs=False)
+    states, stamps = [], []
+    with site:
+        for _ in range(2):
+            site.commit()
+            site.commit(["a"])
+            tids = site.publish()
+            states.append(_state(site))
+            r = run_backup(load_config(site.config), gzip=True)
+            assert r.ok, r.storages
+            stamps.append(r.timestamp)
+        after = site.commit()
+    listing = _points(site)
+    last_a = [b["storages"]["a"]["last_tid"] for b in listing["backups"]]
+    assert last_a[1] == tids["a"] and last_a[0] < tids["a"]
+    assert all(f.endswith("z") for b in listing["backups"]
+               for f in b["storages"]["a"]["files"] if not f.endswith(".index"))
+    at = _iso(_between(tids, after))
+    r = run_cli("restore", "-c", site.config, "--at", at, "--output-dir", tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {s: read_counters(tmp_path / "out" / f"{s}.fs")["single"] for s in site.ids} == \
+        {s: states[1][s]["single"] for s in site.ids}
+    # the second backup's incremental file of a is lost
+    [delta] = [f for f in listing["backups"][1]["storages"]["a"]["files"]
+               if f.endswith(".deltafsz")]
+    (site.repo("a") / delta).unlink()
+    text = run_cli("restore", "-c", site.config, "--list-points")
+    assert f"{stamps[1]}: " in text.stdout and "NOT RESTORABLE" in text.stdout
+    r = run_cli("restore", "-c", site.config, "--at", at, "--output-dir", tmp_path / "out2")
+    assert r.returncode == 1 and "cannot be restored" in r.stderr
+    assert f"before: {listing['points'][0]['id']}" in r.stderr

@@ -74,7 +74,7 @@ from ..config import Config
 from ..core.tids import tid_at, tid_seconds, tid_time
 from ..errors import ToolError
 from ..formats import repozo as rz
-from ..formats.tidlog import TidLogError, fold_record, read_log
+from ..formats.tidlog import TidLogError, fold_record
 from .common import Echo, quiet, read_timestamps, set_tidlog_copies
 
 __all__ = [
@@ -388,6 +388,95 @@ def _backup_infos(config: Config) -> list[BackupInfo]:
     return out
 
 
+class _History:
+    """The states of TID logs read one after the other, each decoded only
+    beyond what it shares with the previous one: a copy repeats the history
+    before it (the daemon's log is append-only), so the N copies of a set
+    cost about one read of the newest, not N."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        #: (offset just after the line, the state after it) per line of data
+        self.states: list[tuple[int, dict[str, int]]] = []
+
+    def read(self, path: Path) -> tuple[list[tuple[int, float, dict[str, int]]], str | None]:
+        """``(lineno, record time, state)`` of the lines of ``path`` new
+        since the previous file, and a problem (the file is then skipped
+        from its bad line on, like :func:`read_log` refuses it)."""
+        from ..formats.tidlog import decode_line
+
+        data = path.read_bytes()
+        # the longest run of whole lines shared with the previous file
+        lo, hi = 0, len(self.states)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            off = self.states[mid - 1][0]
+            if memoryview(data)[:off] == memoryview(self.data)[:off]:
+                lo = mid
+            else:
+                hi = mid - 1
+        shared = self.states[:lo]
+        state = dict(shared[-1][1]) if shared else {}
+        pos = shared[-1][0] if shared else 0
+        out, problem, lineno = [], None, lo
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            line_end = len(data) if nl < 0 else nl + 1
+            lineno += 1
+            try:
+                rec = decode_line(data[pos:line_end], lineno, str(path))
+            except TidLogError as exc:
+                if line_end < len(data):
+                    problem = (f"{path}:{lineno}: corrupt record ({exc.reason}): the records "
+                               "after it were not read")
+                break  # a torn last line never counted
+            fold_record(state, rec)
+            shared.append((line_end, dict(state)))
+            out.append((lineno, rec.time, dict(state)))
+            pos = line_end
+        self.data, self.states = data[:pos], shared
+        return out, problem
+
+
+def _first_holders(points: list[Point], backups: list[BackupInfo]) -> None:
+    """Set each point's first restorable backup holding it, and each
+    backup's counts.  When the backups' ends only grow (the usual case: a
+    later backup holds everything an earlier one does), holding is
+    monotone and found by bisection; otherwise by a scan."""
+    import bisect
+
+    usable = [b for b in backups if b.restorable]
+    ids = sorted(points[0].tids) if points else []
+    ends = [tuple(b.storages[s].last_tid or 0 for s in ids) for b in usable]
+    monotone = all(all(x <= y for x, y in zip(a, b, strict=True))
+                   for a, b in zip(ends, ends[1:]))
+    firsts = []
+    for p in points:
+        if monotone:
+            tids = [p.tids[s] for s in ids]
+            i = bisect.bisect_left(range(len(usable)), True, key=lambda k: all(
+                t <= e for t, e in zip(tids, ends[k], strict=True)))
+            first = i if i < len(usable) else None
+        else:
+            first = next((k for k, b in enumerate(usable) if b.holds_point(p)), None)
+        firsts.append(first)
+        if first is not None:
+            p.backup = usable[first]
+            usable[first].first_points.append(p)
+            if not monotone:
+                for b in usable[first:]:
+                    b.holds += b.holds_point(p)
+    if monotone:
+        counts = [0] * (len(usable) + 1)
+        for f in firsts:
+            if f is not None:
+                counts[f] += 1
+        running = 0
+        for k, b in enumerate(usable):
+            running += counts[k]
+            b.holds = running
+
+
 def inventory(config: Config) -> Inventory:
     """The backups and the points (see the module docstring)."""
     ids = sorted(config.storages)
@@ -399,36 +488,31 @@ def inventory(config: Config) -> Inventory:
         sources.append((LIVE, live))
     seen: dict[tuple, Point] = {}
     incomplete: set[tuple] = set()
+    history = _History()
     for name, path in sources:
         try:
-            contents = read_log(path)
-        except (TidLogError, OSError) as exc:
+            records, problem = history.read(path)
+        except OSError as exc:
             inv.warnings.append(f"TID log {path} skipped: {exc}")
             continue
-        state: dict[str, int] = {}
-        for rec in contents.records:
-            fold_record(state, rec)
+        if problem:
+            inv.warnings.append(problem)
+        for lineno, rtime, state in records:
             if any(s not in state for s in ids):
                 incomplete.add(tuple(sorted(state.items())))
                 continue
             tids = {s: state[s] for s in ids}
             key = tuple(tids[s] for s in ids)
-            pid = f"{name}:{rec.lineno}"
+            pid = f"{name}:{lineno}"
             p = seen.get(key)
             if p is None:
-                p = seen[key] = Point(pid, name, path, rec.lineno, rec.time, tids)
+                p = seen[key] = Point(pid, name, path, lineno, rtime, tids)
             else:
                 p.aliases.append(pid)
             inv.by_id.setdefault(pid, p)
     inv.incomplete = len(incomplete)
     inv.points = sorted(seen.values(), key=lambda p: (p.time, p.source == LIVE, p.id))
-    for p in inv.points:
-        holding = [b for b in inv.backups if b.holds_point(p)]
-        for b in holding:
-            b.holds += 1
-        if holding:
-            p.backup = holding[0]
-            holding[0].first_points.append(p)
+    _first_holders(inv.points, inv.backups)
     return inv
 
 
