@@ -14,9 +14,13 @@ daemon published.  The same state read from several copies (each copy
 repeats the history before it) is one point; its id is
 ``<source>:<line>`` of the first record that produced it, the source being
 the copy's timestamp (or ``live`` for the live log, whose ids last only as
-long as that file is not rewritten).  Any record of any source that
-produced the same state is accepted as an alias.  A state that lacks one
-of the configured storages is not a point of this set (it cannot be cut).
+long as that file is not rewritten); it stays the same while that copy is
+kept (cleanup deletes the oldest copies: the id then moves to the next
+copy holding that line).  A later record giving the same state is accepted
+as an alias.  A state that lacks one of the configured storages is not a
+point of this set (it cannot be cut).  Each copy is decoded only beyond
+the lines it shares with the previous one (:class:`_History`), so listing
+N copies costs about one read of the newest.
 
 Points are ordered by their record's time.  A point ``P`` is *at or before*
 ``T`` when every ``P[s]`` is a TID whose own time (the storage's clock,
