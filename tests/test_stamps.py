@@ -148,3 +148,36 @@ def test_largest_coherent_cut_is_the_greatest_coherent_cut(scenario):
                 kept = [t for t, _ in txns[s] if t <= cut[s]]
                 kept_by_result = [t for t, _ in txns[s] if t <= result[s]]
                 assert kept == kept_by_result[:len(kept)] and len(kept) <= len(kept_by_result)
+
+
+# -- heals and accepted splits (issue 12) ------------------------------------
+
+
+def test_a_heal_stamp_is_a_stamp_even_on_one_storage():
+    from tidstorage.core.stamps import stamp_of, stamp_value
+
+    value = stamp_value("ts:heal-1", ["a"], heals="ts:x-1")
+    assert value == {"id": "ts:heal-1", "storages": ["a"], "heals": "ts:x-1"}
+    st = stamp_of({"tidstorage": value})
+    assert st is not None and st.heals == "ts:x-1" and st.storages == ("a",)
+    assert stamp_of({"tidstorage": {"id": "x", "storages": ["a"]}}) is None
+    assert stamp_of({"tidstorage": {"id": "x", "storages": ["a"], "heals": "x"}}) is None
+
+
+def test_find_splits_and_the_largest_cut_honour_heals_and_acceptance():
+    from tidstorage.core.stamps import Stamp, healed_splits
+
+    T = Stamp("T", ("a", "b"))
+    H = Stamp("H", ("a",), "T")
+    txns = {"a": [(1, None), (2, T), (3, None), (4, H), (5, None)], "b": [(1, None), (9, None)]}
+    assert [sp.id for sp in find_splits(txns)] == []  # the files end healed
+    assert [sp.id for sp in find_splits(txns, {"a": 3, "b": 9})] == ["T"]  # between
+    assert healed_splits(txns) == {"T": {"a": 4}}
+    assert healed_splits(txns, {"a": 3, "b": 9}) == {}
+    assert largest_coherent_cut(txns, {"a": 5, "b": 9}) == {"a": 5, "b": 9}
+    assert largest_coherent_cut(txns, {"a": 3, "b": 9}) == {"a": 1, "b": 9}
+    # accepted: never a split, never cut for
+    unhealed = {"a": [(1, None), (2, T), (3, None)], "b": [(9, None)]}
+    assert [sp.id for sp in find_splits(unhealed)] == ["T"]
+    assert find_splits(unhealed, accepted={"T"}) == []
+    assert largest_coherent_cut(unhealed, {"a": 3, "b": 9}, accepted={"T"}) == {"a": 3, "b": 9}

@@ -17,12 +17,10 @@ import sys
 import time
 
 import transaction
-from persistent.mapping import PersistentMapping
-from ZEO.ClientStorage import ClientStorage
-from ZODB.Connection import TransactionMetaData
 
 from tidstorage.core import health
 from tidstorage.demo.cluster import DaemonProcess, free_port
+from support.rawzeo import raw_commit
 from test_storage import open_connected, wait_published
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -108,16 +106,7 @@ def test_a_frozen_split_is_critical_and_an_unknown_id_a_warning(cluster):
     # A stamped transaction over a1 and a2 written on a1 only, never
     # reported (a writer that died between its finishes): a real split.
     address, storage = cluster.zeo_spec()["a1"]
-    cs = ClientStorage(address, storage=storage, wait_timeout=10)
-    try:
-        txn = TransactionMetaData(extension={"tidstorage": {
-            "id": "ts:deadbeef-1", "storages": ["a1", "a2"]}})
-        cs.tpc_begin(txn)
-        cs.store(cs.new_oid(), b"\0" * 8, _pickle(), "", txn)
-        cs.tpc_vote(txn)
-        cs.tpc_finish(txn)
-    finally:
-        cs.close()
+    raw_commit(address, storage, {"id": "ts:deadbeef-1", "storages": ["a1", "a2"]})
     data = poll_status(config, CRITICAL)
     assert data["status"]["split_count"] == 1
     assert any("split" in f["text"] and "ts:deadbeef-1" in f["text"] for f in data["findings"])
@@ -131,17 +120,6 @@ def test_a_frozen_split_is_critical_and_an_unknown_id_a_warning(cluster):
         c.dump()  # applied
     data = poll_status(config, CRITICAL)
     assert any(f["state"] == "WARNING" and "secnd" in f["text"] for f in data["findings"])
-
-
-def _pickle() -> bytes:
-    import io
-    import pickle
-
-    f = io.BytesIO()
-    p = pickle.Pickler(f, 3)
-    p.dump((PersistentMapping, None))
-    p.dump({"data": {}})
-    return f.getvalue()
 
 
 def test_daemon_down_is_critical_bad_config_unknown(tmp_path):

@@ -727,3 +727,30 @@ def test_cli_corrupt_middle_line_serve_refuses_then_recover(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout) == {"a": 5, "b": 1}
     r = run_cli("log", "recover", path)
     assert r.returncode == 0 and "nothing to recover" in r.stdout
+
+
+def test_accept_records_are_kept_across_reopen_and_rewrite(tmp_path):
+    from tidstorage.formats.tidlog import TidLogWriter, encode_accept, read_log, rewrite_full
+
+    path = tmp_path / "t.tid"
+    with TidLogWriter(path, burst_period=None, full_dump_period=None,
+                      initial_state={"a": 5}) as w:
+        w.write_full()
+        w.accept("ts:x-1")
+        w.published({"a": 7}, {"a": 7})
+        w.tick()
+        path.rename(tmp_path / "old.tid")  # logrotate
+        w.reopen()
+    contents = read_log(path)
+    assert contents.accepted() == {"ts:x-1"} and contents.final_tids() == {"a": 7}
+    assert read_log(tmp_path / "old.tid").accepted() == {"ts:x-1"}
+    assert rewrite_full(path, tmp_path / "full.tid") == len(contents.records)
+    assert read_log(tmp_path / "full.tid").accepted() == {"ts:x-1"}
+    # a tampered accept record is refused like any other
+    line = encode_accept(1.0, "ts:y-1").replace(b"ts:y-1", b"ts:z-1")
+    (tmp_path / "bad.tid").write_bytes(line + encode_accept(2.0, "ts:x-1"))
+    import pytest
+
+    from tidstorage.errors import TidLogError
+    with pytest.raises(TidLogError, match="crc"):
+        read_log(tmp_path / "bad.tid")

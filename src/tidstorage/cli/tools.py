@@ -382,8 +382,9 @@ def verify(config_path, files, tidlog, compute, as_json, window):
     """
     from ..formats.filestorage import find_cut
     from ..tools import verify as v
-    from ..tools.cut import tidlog_tids
+    from ..tools.cut import tidlog_accepted, tidlog_tids
 
+    accepted_from = tidlog.resolve() if tidlog else None
     if files:
         paths = _parse_files(files)
     elif config_path:
@@ -395,12 +396,14 @@ def verify(config_path, files, tidlog, compute, as_json, window):
             _fail(f"configuration error: storages.{missing[0]}.data_fs: required by verify",
                   EXIT_USAGE)
         paths = {sid: st.data_fs for sid, st in config.storages.items()}
+        accepted_from = accepted_from or config.server.status_file
     else:
         _fail("give -c FILE or --files", EXIT_USAGE)
     msgs = []
     with _Errors():
         cut = tidlog_tids(tidlog.resolve(), paths, msgs.append) if tidlog else None
-        report = v.check(paths, cut, window=window, compute=compute)
+        report = v.check(paths, cut, window=window, compute=compute,
+                         accepted=tidlog_accepted(accepted_from))
         coherent_cut = {}
         if compute:
             for s, path in sorted(paths.items()):
@@ -417,6 +420,8 @@ def verify(config_path, files, tidlog, compute, as_json, window):
                         "missing": list(sp.missing), "unknown": list(sp.unknown)}
                        for sp in report.splits],
             "cut": report.cut,
+            "healed": report.healed,
+            "accepted": sorted(report.accepted),
             "coherent_cut": coherent_cut or None,
             "windows": {s: {"path": w.path, "last_tid": w.last_tid, "read_back_to": w.bound,
                             "transactions": w.transactions, "stamped": w.stamped,
@@ -431,6 +436,12 @@ def verify(config_path, files, tidlog, compute, as_json, window):
             if w.warning:
                 click.echo(f"warning: {w.warning}")
         what = "the cut at the TID log's TIDs" if cut is not None else "the files"
+        for split, heals in sorted(report.healed.items()):
+            click.echo(f"healed: split transaction {split} is undone by its heal on "
+                       + ", ".join(f"{s} ({v.format_tid(t)})" for s, t in sorted(heals.items())))
+        for split in sorted(report.accepted):
+            click.echo(f"accepted: split transaction {split} was accepted as it is by the"
+                       " operator (not coherent: it stays split; not reported below)")
         if report.ok:
             click.echo(f"coherent: no multi-storage transaction is split in {what}")
         else:

@@ -343,6 +343,8 @@ class Coordinator:
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
         shell_status: Callable[[], dict] | None = None,
+        record_accept: Callable[[str], None] | None = None,
+        accepted: Iterable[str] = (),
     ) -> None:
         #: storage id -> "zeo", "file" or None (unreadable)
         self.kinds = {s: k for s, k in kinds.items()}
@@ -369,6 +371,8 @@ class Coordinator:
         self.rewrite_log = rewrite_log
         self.tracker = Tracker(initial)
         self.gate = Gate(readable, initial)
+        self.gate.accepted.update(accepted)
+        self._healed_seen = 0
         self._actions: list[Action] = []
         self._dirty = False
         self._offers: dict[str, int] = {}  # unreadable storage -> tracker TID
@@ -395,6 +399,8 @@ class Coordinator:
         self.wall = wall
         #: shell_status() -> what the shell adds to the status (its TID log)
         self.shell_status = shell_status
+        #: record_accept(split id) writes an acceptance to the TID log (raises)
+        self.record_accept = record_accept
         self._retry: dict[tuple, Backoff] = {}  # failed reads and no-ops, until one works
         self._random = rng or random.Random()
         self._armed: set[tuple] = set()  # timers set and not fired yet
@@ -880,8 +886,9 @@ class Coordinator:
                 "SPLIT transaction %s over %s (%s): recorded in %s, proven missing in %s."
                 " No published point will keep it, nor move those storages past it."
                 " Repair: stop the applications, run `tidstorage repair -c %s`, restart"
-                " the daemon.", res.txn, _names(res.storages), res.why, where,
-                _names(missing), self.config_name)
+                " the daemon; or heal it online: `tidstorage heal -c %s`.", res.txn,
+                _names(res.storages), res.why, where, _names(missing), self.config_name,
+                self.config_name)
         elif state is not None:
             log.warning("in-doubt transaction %s (%s): %s", res.txn, res.why,
                         "found in every storage: committed" if outcome == "committed"
@@ -1097,7 +1104,7 @@ class Coordinator:
             if self.shell_status is not None:
                 answer.update(self.shell_status())
             return answer
-        if verb in ("set-tid", "forget"):
+        if verb in ("set-tid", "forget", "accept", "healed"):
             token = request.get("token")
             if self.admin_token is None:
                 return {"ok": False, "error": "this daemon has no admin token: set [server]"
@@ -1107,6 +1114,13 @@ class Coordinator:
                 self._limited.log(logging.ERROR, f"admin refused {peer.name}",
                                   "%s: ADMIN %s refused: wrong admin token", peer.name, verb)
                 return {"ok": False, "error": "wrong admin token"}
+            if verb in ("accept", "healed"):
+                split = request.get("split")
+                if not isinstance(split, str) or not split or len(split) > p.MAX_FIELD_BYTES:
+                    return {"ok": False, "error": "split: a split transaction's id is needed"}
+                if verb == "accept":
+                    return self._accept(peer, split)
+                return self._healed(peer, split, request.get("tids"))
             storage = request.get("storage")
             if not isinstance(storage, str) or not storage:
                 return {"ok": False, "error": "storage: a storage id is needed"}
@@ -1119,6 +1133,47 @@ class Coordinator:
                     return {"ok": False, "error": "tid: an integer TID (or -1) is needed"}
             return self._correct(peer, storage, tid)
         return {"ok": False, "error": f"unknown verb {str(verb)[:40]!r}"}
+
+    def _accept(self, peer: Peer, split: str) -> dict:
+        """An operator accepts split ``split`` as it is (it cannot be undone):
+        recorded in the TID log first, then publication resumes."""
+        if split in self.gate.accepted:
+            return {"ok": True, "split": split, "already": True}
+        known = self.gate.splits.get(split) or self.gate.known(split)
+        if known is None:
+            return {"ok": False, "error": f"{split!r} is not a split this daemon knows"}
+        if not known.never:
+            return {"ok": False, "error": f"{split!r} is not proven split (yet): only a proven"
+                    " split can be accepted"}
+        if self.record_accept is not None:
+            try:
+                self.record_accept(split)
+            except Exception as exc:
+                log.error("%s: ADMIN accept of %s failed, nothing changed: cannot write the"
+                          " TID log: %s: %s", peer.name, split, type(exc).__name__, exc)
+                return {"ok": False, "error": f"cannot write the TID log: {exc}"}
+        self.gate.accept(split)
+        log.warning("%s: ADMIN: split transaction %s over %s ACCEPTED by the operator as it"
+                    " is (parts %s): publication resumes past it", peer.name, split,
+                    _names(known.storages), _short(known.parts))
+        self._dirty = True
+        return {"ok": True, "split": split, "parts": dict(known.parts)}
+
+    def _healed(self, peer: Peer, split: str, tids) -> dict:
+        """``tidstorage heal`` committed the heal of ``split``: read its
+        storages now (the heal is learnt from the files, as everything)."""
+        storages = list(tids) if isinstance(tids, dict) else []
+        known = self.gate.splits.get(split)
+        if known is not None:
+            storages += list(known.parts)
+        for storage in set(storages):
+            if self.kinds.get(storage):
+                self._held_back.discard(storage)
+                self._request_scan(storage)
+        log.info("%s: ADMIN: heal of %s reported on %s", peer.name, split,
+                 _names(set(storages)))
+        return {"ok": True, "split": split, "reading": sorted(s for s in set(storages)
+                                                             if self.kinds.get(s))}
 
     def _correct(self, peer: Peer, storage: str, tid: int | None) -> dict:
         """An operator sets (or forgets) a storage's published TID, even
@@ -1236,6 +1291,8 @@ class Coordinator:
             "splits": {txn: {"parts": known.parts, "missing": sorted(known.never)}
                        for txn, known in list(gate.splits.items())[:DESCRIBE_MAX]},
             "split_count": len(gate.splits),
+            "healed": {txn: heals for txn, heals in list(gate.healed.items())[-DESCRIBE_MAX:]},
+            "accepted": sorted(gate.accepted)[:DESCRIBE_MAX],
             "unknown_ids": {i: sorted(p) for i, p in list(self.unknown_ids.items())[:DESCRIBE_MAX]},
             "blocked": sorted(self._blocked),
             "held_back": sorted(self._held_back),
@@ -1262,6 +1319,12 @@ class Coordinator:
             if self._blocked:
                 offers = {s: t for s, t in offers.items() if s not in self._blocked}
         changed, violations = gate.compute(limits, offers)
+        if len(gate.healed) != self._healed_seen:
+            for txn in list(gate.healed)[self._healed_seen - len(gate.healed):]:
+                log.warning("split transaction %s HEALED: its heal was read on %s and the"
+                            " published point moved past it; its storages are free again",
+                            txn, _short(gate.healed[txn]))
+            self._healed_seen = len(gate.healed)
         for v in violations:
             log.critical(
                 "the published point splits transaction %s over %s (parts %s): learnt after"

@@ -65,6 +65,17 @@ others) needs no special rule here: its missing parts stay missing, so it is
 dropped for ever, and with it whatever later transaction links its storages
 to others. ``mark_split`` only records it for reports.
 
+Heals. ``tidstorage heal`` undoes a split's parts in one new transaction
+stamped ``heals: <split id>`` over the storages that hold them (a stamp even
+on one storage). A point keeping a part of the split and its heal on a
+storage keeps the split *in effect absent* there (``KnownTxn.kept``): a
+point between a split and its heal is still split (the part is lowered
+away as before); a point at or past the heal on every storage holding the
+split splits nothing, so the split stops freezing its storages once the
+heal has been read on all of them (the heal itself, over several
+storages, is a stamped transaction kept whole like any other). An operator
+may instead *accept* a split as it is (``accept``): it is then ignored.
+
 This module does no I/O and no logging.
 """
 
@@ -84,6 +95,9 @@ NONE = -1
 #: Transactions published whole remembered after they are forgotten (for
 #: in-doubt resolutions that finish after the publication).
 MAX_WHOLE = 10_000
+#: Heals remembered (split id -> where its heal was read), and splits
+#: healed since the start, at most.
+MAX_HEALS = 10_000
 
 
 @dataclass(slots=True)
@@ -98,10 +112,25 @@ class KnownTxn:
     never: set[str] = field(default_factory=set)
     #: its split under the published point cannot be undone (see Violation)
     violated: bool = False
+    #: storage -> TID of its heal there (an undo stamped ``heals: id``)
+    healed: dict[str, int] = field(default_factory=dict)
 
     def kept(self, cut: Mapping[str, int]) -> int:
-        """How many of its parts ``cut`` keeps."""
-        return sum(1 for s, t in self.parts.items() if t <= cut.get(s, NONE))
+        """How many of its parts ``cut`` keeps in effect (a part whose heal
+        ``cut`` also keeps is undone: not kept)."""
+        healed = self.healed
+        n = 0
+        for s, t in self.parts.items():
+            c = cut.get(s, NONE)
+            if t <= c and not (healed and t < healed.get(s, t) <= c):
+                n += 1
+        return n
+
+    def undone(self, cut: Mapping[str, int]) -> bool:
+        """Is every part undone by its heal, which ``cut`` keeps?"""
+        healed = self.healed
+        return bool(healed) and all(
+            t < healed.get(s, t) <= cut.get(s, NONE) for s, t in self.parts.items())
 
     @property
     def complete(self) -> bool:
@@ -140,6 +169,16 @@ class Gate:
         self._offered: dict[str, int] = {}
         #: unreadable storages whose offer is above their published TID
         self._behind: set[str] = set()
+        #: split id -> {storage: TID of its heal there} (read before or
+        #: after the split's parts; at most MAX_HEALS, the oldest dropped)
+        self.heals: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
+        #: storage -> ascending (heal TID, split id): a point lowered below a
+        #: heal keeps its split again
+        self._heal_index: dict[str, list[tuple[int, str]]] = {}
+        #: split ids an operator accepted as they are: ignored
+        self.accepted: set[str] = set()
+        #: splits healed and published past since the start (bounded)
+        self.healed: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
 
     # -- queries ---------------------------------------------------------
 
@@ -192,7 +231,10 @@ class Gate:
             frontier = tid
             tids.append(tid)
             if stamp is not None:
-                self._add_part(stamp.id, stamp.storages, storage, tid, scanned=True)
+                if stamp.heals is not None:
+                    self._heal(stamp.heals, storage, tid)
+                if len(stamp.storages) > 1:
+                    self._add_part(stamp.id, stamp.storages, storage, tid, scanned=True)
         self.verified[storage] = frontier
 
     def report(self, txn: str, tids: Mapping[str, int]) -> None:
@@ -236,6 +278,32 @@ class Gate:
                 if not known.parts:
                     del self._txns[txn]
 
+    def _heal(self, split: str, storage: str, tid: int) -> None:
+        heals = self.heals.get(split)
+        if heals is None:
+            heals = self.heals[split] = {}
+            if len(self.heals) > MAX_HEALS:
+                self.heals.popitem(last=False)
+        if storage not in heals:
+            heals[storage] = tid
+            index = self._heal_index.setdefault(storage, [])
+            if not index or index[-1][0] < tid:
+                index.append((tid, split))
+            else:
+                bisect.insort(index, (tid, split))
+        known = self._txns.get(split)
+        if known is not None:
+            known.healed = heals
+
+    def accept(self, txn: str) -> KnownTxn | None:
+        """An operator accepts split ``txn`` as it is: it is ignored from now
+        on (its parts constrain no point)."""
+        self.accepted.add(txn)
+        known = self._txns.get(txn)
+        if known is not None:
+            self._forget(known)
+        return self.splits.pop(txn, known)
+
     def mark_split(self, txn: str, missing: Iterable[str]) -> KnownTxn | None:
         """Record a proven split (its missing parts can never appear)."""
         known = self._txns.get(txn)
@@ -247,9 +315,14 @@ class Gate:
 
     def _add_part(self, txn: str, storages: Iterable[str], storage: str, tid: int,
                   *, scanned: bool) -> None:
+        if txn in self.accepted:
+            return
         known = self._txns.get(txn)
         if known is None:
             known = self._txns[txn] = KnownTxn(txn, frozenset(storages) | {storage})
+            heals = self.heals.get(txn)
+            if heals is not None:
+                known.healed = heals
         elif storage not in known.storages:
             known.storages = known.storages | {storage}
         old = known.parts.get(storage)
@@ -344,9 +417,12 @@ class Gate:
             kept = known.kept(cut)
             if kept == 0 or kept == len(known.storages):
                 continue
+            healed = known.healed
             for storage, tid in list(known.parts.items()):
                 if tid > cut.get(storage, NONE):
                     continue
+                if healed and tid < healed.get(storage, tid) <= cut[storage]:
+                    continue  # undone by its heal, also kept
                 below = self._before(storage, tid)
                 floor = published.get(storage, NONE)
                 if below < floor:
@@ -363,6 +439,14 @@ class Gate:
                 hi = bisect.bisect_right(index, old, key=_tid_of)
                 for _, other in index[lo:hi]:
                     work.append(self._txns[other])
+                heals = self._heal_index.get(storage)
+                if heals:  # below a heal: its split is kept again there
+                    lo = bisect.bisect_right(heals, below, key=_tid_of)
+                    hi = bisect.bisect_right(heals, old, key=_tid_of)
+                    for _, split in heals[lo:hi]:
+                        again = self._txns.get(split)
+                        if again is not None:
+                            work.append(again)
         return violations
 
     def _before(self, storage: str, tid: int) -> int:
@@ -381,12 +465,25 @@ class Gate:
             tids = self._tids.get(storage)
             if tids:
                 del tids[: bisect.bisect_right(tids, tid)]
+            heals = self._heal_index.get(storage)
+            if heals:  # the point never goes back below them
+                del heals[: bisect.bisect_right(heals, tid, key=_tid_of)]
         done = [
             t for t in self._txns.values()
             if t.complete and t.kept(published) == len(t.storages)
         ]
         for known in done:
             self._forget(known)
+        if self.splits:
+            for txn, known in list(self.splits.items()):
+                if known.undone(published):
+                    # Healed, and published past the heal wherever it is kept.
+                    del self.splits[txn]
+                    if txn in self._txns:
+                        self._forget(known)
+                    self.healed[txn] = dict(known.healed)
+                    if len(self.healed) > MAX_HEALS:
+                        self.healed.popitem(last=False)
 
 
 def _tid_of(entry: tuple[int, str]) -> int:

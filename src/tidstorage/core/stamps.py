@@ -44,7 +44,7 @@ named by the stamp that is not scanned at all.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "bootstrap_value",
     "is_bootstrap",
     "find_splits",
+    "healed_splits",
     "largest_coherent_cut",
     "largest_cut_above",
 ]
@@ -69,10 +70,12 @@ from .tids import MAX_TID  # noqa: E402  (a cut at MAX_TID keeps everything)
 
 @dataclass(frozen=True, slots=True)
 class Stamp:
-    """A multi-storage stamp: coherency id and the (sorted) storage ids."""
+    """A multi-storage stamp: coherency id and the (sorted) storage ids;
+    ``heals``: the id of the split this transaction heals (its undo)."""
 
     id: str
     storages: tuple[str, ...]
+    heals: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def stamp_of(extension: Mapping) -> Stamp | None:
     None when there is no stamp, when it is malformed (``id`` not a non-empty
     string, ``storages`` not a list of non-empty strings), or when it names
     fewer than two distinct storages (a single-storage transaction cannot be
-    split).  Never raises.
+    split) -- unless it is the heal of a split (``heals``: the split's id),
+    which is a stamp even on one storage.  Never raises.
     """
     if not isinstance(extension, Mapping):
         return None
@@ -113,17 +117,24 @@ def stamp_of(extension: Mapping) -> Stamp | None:
     if not all(isinstance(s, str) and s for s in storages):
         return None
     names = tuple(sorted(set(storages)))
-    if len(names) < 2:
+    heals = value.get("heals")
+    if not isinstance(heals, str) or not heals or heals == stamp_id:
+        heals = None
+    if len(names) < (1 if heals else 2):
         return None
-    return Stamp(stamp_id, names)
+    return Stamp(stamp_id, names, heals)
 
 
-def stamp_value(stamp_id: str, storages: Iterable[str], *, bootstrap: bool = False) -> dict:
+def stamp_value(stamp_id: str, storages: Iterable[str], *, bootstrap: bool = False,
+                heals: str | None = None) -> dict:
     """The value to store under ``extension[STAMP_KEY]`` (the inverse of
-    :func:`stamp_of`): ``{"id": ..., "storages": [sorted ids]}``."""
+    :func:`stamp_of`): ``{"id": ..., "storages": [sorted ids]}``, with
+    ``"heals": <split id>`` for the heal of a split."""
     value: dict = {"id": str(stamp_id), "storages": sorted(set(storages))}
     if bootstrap:
         value["bootstrap"] = True
+    if heals:
+        value["heals"] = str(heals)
     return value
 
 
@@ -147,15 +158,19 @@ def is_bootstrap(value) -> bool:
 
 
 def _index(txns: Mapping[str, Iterable[tuple[int, Stamp | None]]]):
-    """(sorted tid lists, stamp id -> (Stamp, {storage: tid}))."""
+    """(sorted tid lists, stamp id -> (Stamp, {storage: tid}), split id ->
+    {storage: TID of its heal there})."""
     tids: dict[str, list[int]] = {}
     stamps: dict[str, tuple[Stamp, dict[str, int]]] = {}
+    heals: dict[str, dict[str, int]] = {}
     for storage, items in txns.items():
         lst = []
         for tid, stamp in items:
             lst.append(tid)
             if stamp is None:
                 continue
+            if stamp.heals is not None:
+                heals.setdefault(stamp.heals, {}).setdefault(storage, tid)
             entry = stamps.get(stamp.id)
             if entry is None:
                 entry = stamps[stamp.id] = (stamp, {})
@@ -164,12 +179,15 @@ def _index(txns: Mapping[str, Iterable[tuple[int, Stamp | None]]]):
             entry[1].setdefault(storage, tid)
         lst.sort()
         tids[storage] = lst
-    return tids, stamps
+    return tids, stamps, heals
 
 
-def _splits(scanned, stamps, cut, horizon) -> list[Split]:
+def _splits(scanned, stamps, cut, horizon, heals=None, accepted=()) -> list[Split]:
     out = []
     for stamp_id, (stamp, where) in stamps.items():
+        if stamp_id in accepted:
+            continue  # the operator accepted this split as it is
+        healed = heals.get(stamp_id) if heals else None
         # A stamp found in a storage it does not name is malformed; count
         # that storage in anyway, it holds the transaction.
         named = sorted(set(stamp.storages) | where.keys())
@@ -180,6 +198,11 @@ def _splits(scanned, stamps, cut, horizon) -> list[Split]:
                 continue
             tid = where.get(s)
             if tid is not None and (cut is None or tid <= cut.get(s, MAX_TID)):
+                undone = healed.get(s) if healed else None
+                if undone is not None and undone > tid and (
+                        cut is None or undone <= cut.get(s, MAX_TID)):
+                    absent.append(s)  # kept, and its heal (undo) too: in effect absent
+                    continue
                 present[s] = tid
             else:
                 absent.append(s)
@@ -206,6 +229,7 @@ def find_splits(
     cut: Mapping[str, int] | None = None,
     *,
     horizon: Mapping[str, int] | None = None,
+    accepted: Collection[str] = (),
 ) -> list[Split]:
     """Stamped transactions kept in some scanned storages and missing in others.
 
@@ -228,9 +252,40 @@ def find_splits(
     A stamp is a split when it is present in at least one storage and
     missing (not merely unknown) in at least one.  Sorted by oldest present
     TID.
+
+    **Heals.** A transaction whose stamp says ``heals: X`` undoes split
+    ``X``'s part on the storages it is written to. A cut that keeps, on a
+    storage, both a part of ``X`` and its heal there keeps ``X`` *in effect
+    absent* on that storage: a point between a split and its heal is still
+    split; a point at or past the heal on every storage holding the split
+    is coherent (the heal is itself a stamped transaction over those
+    storages, so it is kept on all of them or on none). ``accepted``: split
+    ids an operator accepted as they are (``tidstorage heal --accept``):
+    never reported, never cut for.
     """
-    tids, stamps = _index(txns)
-    return _splits(tids, stamps, cut, horizon)
+    tids, stamps, heals = _index(txns)
+    return _splits(tids, stamps, cut, horizon, heals, accepted)
+
+
+def healed_splits(
+    txns: Mapping[str, Iterable[tuple[int, Stamp | None]]],
+    cut: Mapping[str, int] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Splits a cut keeps healed: split id -> {storage: heal TID}, for the
+    stamped transactions kept (under ``cut``) on some storages together with
+    their heal there, and kept nowhere else without it."""
+    _, stamps, heals = _index(txns)
+    out = {}
+    for split_id, healed in heals.items():
+        entry = stamps.get(split_id)
+        if entry is None:
+            continue
+        kept = {s: t for s, t in entry[1].items() if cut is None or t <= cut.get(s, MAX_TID)}
+        if kept and all(healed.get(s, MAX_TID) <= (MAX_TID if cut is None else
+                                                   cut.get(s, MAX_TID)) and healed[s] > t
+                        for s, t in kept.items()):
+            out[split_id] = {s: healed[s] for s in kept}
+    return out
 
 
 def largest_coherent_cut(
@@ -238,8 +293,10 @@ def largest_coherent_cut(
     start: Mapping[str, int],
     *,
     horizon: Mapping[str, int] | None = None,
+    accepted: Collection[str] = (),
 ) -> dict[str, int]:
-    """The greatest cut ``<= start`` (per storage) with no split transaction.
+    """The greatest cut ``<= start`` (per storage) with no split transaction
+    (heals and ``accepted`` as for :func:`find_splits`).
 
     ``txns`` and ``horizon`` as for :func:`find_splits`; ``start`` gives each
     storage's highest acceptable cut TID (a scanned storage missing from
@@ -264,12 +321,18 @@ def largest_coherent_cut(
     every coherent cut: the largest one.  (It is unique: the coherent cuts
     are closed under the per-storage maximum.)  The cost is
     O(rounds * transactions); in practice one or two rounds.
+
+    With heals: a part of ``T`` on ``s`` counts as kept only while its heal
+    there is not (``tid_s(T) <= C[s] < heal_s(T)``); lowering ``C[s]`` below
+    ``tid_s(T)`` is then the only way to drop it (cuts only go down), and
+    the argument above holds as it is: any coherent ``C* <= C`` with
+    ``C*[s] < heal_s(T)`` must drop ``T`` on ``s``.
     """
-    tids, stamps = _index(txns)
+    tids, stamps, heals = _index(txns)
     cut = {s: MAX_TID for s in tids}
     cut.update(start)
     while True:
-        splits = _splits(tids, stamps, cut, horizon)
+        splits = _splits(tids, stamps, cut, horizon, heals, accepted)
         if not splits:
             return cut
         for split in splits:
@@ -284,6 +347,8 @@ def largest_coherent_cut(
 def largest_cut_above(
     tails: Mapping[str, Iterable[tuple[int, Stamp | None]]],
     floor: Mapping[str, int],
+    *,
+    accepted: Collection[str] = (),
 ) -> dict[str, int]:
     """The largest coherent cut ``>= floor`` that keeps only whole stamped
     transactions above ``floor`` (the *stamps' point*, used by restore and
@@ -328,7 +393,7 @@ def largest_cut_above(
             if st is not None:
                 for m in st.storages:
                     txns.setdefault(m, [])  # outside the set: scanned, empty
-    cut = largest_coherent_cut(txns, {s: MAX_TID for s in txns})
+    cut = largest_coherent_cut(txns, {s: MAX_TID for s in txns}, accepted=accepted)
     out = {}
     for s in floor:
         kept = [t for t, _ in txns[s] if t <= cut[s]]

@@ -122,9 +122,11 @@ class Daemon:
         )
         self.status_file = status_file or server.status_file
         initial: dict[str, int] = {}
+        accepted: set[str] = set()
         if self.status_file is not None:
             contents = read_log(self.status_file)
             initial = contents.final_tids()
+            accepted = contents.accepted()
             if initial:
                 log.info(
                     "reloaded published TIDs of %d storages from %s", len(initial), self.status_file
@@ -179,7 +181,8 @@ class Daemon:
             config_name=str(config.path) if config.path else "CONFIG",
             legacy_clients=server.legacy_clients, tid_ceiling=tid_ceiling,
             admin_token=config.admin_token(), rewrite_log=self._rewrite_log,
-            shell_status=self._shell_status)
+            shell_status=self._shell_status, record_accept=self._record_accept,
+            accepted=accepted)
         if not kinds:
             log.warning("no [storages] in the configuration: any storage id is accepted and"
                         " the daemon cannot read any storage (legacy mode)")
@@ -191,6 +194,7 @@ class Daemon:
                 burst_period=server.burst_period,
                 full_dump_period=server.full_dump_period,
                 initial_state=initial,
+                accepted=sorted(accepted),
             )
         self.bulk = BulkQueue()
         self._server: asyncio.base_events.Server | None = None
@@ -311,6 +315,8 @@ class Daemon:
             with TidLogWriter(fresh, burst_period=server.burst_period,
                               full_dump_period=server.full_dump_period,
                               initial_state=state) as new:
+                for split in sorted(self.core.gate.accepted):  # they go with the new file
+                    new.accept(split)
                 new.write_full()
         except BaseException:
             fresh.unlink(missing_ok=True)
@@ -322,8 +328,17 @@ class Daemon:
         fsync_dir(path.parent)
         self.writer = TidLogWriter(path, burst_period=server.burst_period,
                                    full_dump_period=server.full_dump_period,
-                                   initial_state=state)
+                                   initial_state=state,
+                                   accepted=sorted(self.core.gate.accepted))
         return str(kept)
+
+    def _record_accept(self, split: str) -> None:
+        """An accepted split, in the TID log (fsync'd) before it counts."""
+        if self.writer is None:
+            log.warning("accepting split %s without a TID log (no status_file): a restarted"
+                        " daemon will not know it", split)
+            return
+        self.writer.accept(split)
 
     def full_status(self) -> dict:
         """The status command's answer (on the event loop)."""

@@ -79,7 +79,7 @@ import re
 import time as _time
 import tokenize
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -93,6 +93,11 @@ FORMAT_VERSION = 1
 KIND_FULL = "full"
 KIND_INCREMENTAL = "incremental"
 KINDS = frozenset({KIND_FULL, KIND_INCREMENTAL})
+#: An operator accepted a split as it is (``tidstorage heal --accept``): a
+#: record ``{"v", "time", "kind": "accept", "split": <id>, "crc"}``, no tids.
+KIND_ACCEPT = "accept"
+#: Longest split id in an accept record.
+MAX_SPLIT_ID = 16 * 1024
 
 #: Smallest amount by which a writer bumps a timestamp that would otherwise
 #: not be strictly greater than the previous one.
@@ -104,6 +109,7 @@ FILE_MODE = 0o644
 NEWLINE = b"\n"
 _JSON_SEPARATORS = (",", ":")
 _RECORD_KEYS = frozenset({"v", "time", "kind", "tids", "crc"})
+_ACCEPT_KEYS = frozenset({"v", "time", "kind", "split", "crc"})
 _CRC_PATTERN = re.compile(r"[0-9a-f]{8}")
 
 #: Legacy line: "<time> <code> <dict repr>", printable ASCII only.
@@ -138,6 +144,7 @@ class Record:
     tids: dict[str, int]
     lineno: int = 0  # 1-based line in the file it was read from (0 if not from a file)
     legacy: bool = False
+    split: str | None = None  # KIND_ACCEPT: the split accepted
 
 
 # ---------------------------------------------------------------------------
@@ -189,6 +196,18 @@ def encode_record(time: float, kind: str, tids: Mapping[str, int]) -> bytes:
     return _canonical_json(obj).encode("ascii") + NEWLINE
 
 
+def encode_accept(time: float, split: str) -> bytes:
+    """The line recording that an operator accepted split ``split``."""
+    if isinstance(time, bool) or not isinstance(time, (int, float)) or not math.isfinite(time):
+        raise ValueError(f"time must be a finite number, not {time!r}")
+    if not isinstance(split, str) or not split or len(split) > MAX_SPLIT_ID or "\n" in split:
+        raise ValueError(f"not a split id: {split!r:.80}")
+    obj: dict[str, object] = {"v": FORMAT_VERSION, "time": float(time), "kind": KIND_ACCEPT,
+                              "split": split}
+    obj["crc"] = _crc(obj)
+    return _canonical_json(obj).encode("ascii") + NEWLINE
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -200,7 +219,8 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not allowed")
 
 
-def _decode_json_record(text: str, fail: Callable[[str], TidLogError]) -> tuple[float, str, dict[str, int]]:
+def _decode_json_record(text: str, fail: Callable[[str], TidLogError]
+                        ) -> tuple[float, str, dict[str, int], str | None]:
     try:
         obj = json.loads(
             text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
@@ -209,14 +229,20 @@ def _decode_json_record(text: str, fail: Callable[[str], TidLogError]) -> tuple[
         raise fail(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise fail("record is not a JSON object")
-    if obj.keys() != _RECORD_KEYS:
+    split = None
+    if obj.get("kind") == KIND_ACCEPT and obj.keys() == _ACCEPT_KEYS:
+        split = obj["split"]
+        if not isinstance(split, str) or not split or len(split) > MAX_SPLIT_ID:
+            raise fail(f"accept record: split {split!r:.80} is not a split id")
+        obj["tids"] = {}
+    elif obj.keys() != _RECORD_KEYS:
         raise fail(f"record keys are {sorted(obj)}, expected {sorted(_RECORD_KEYS)}")
     version, time, kind, tids, crc = (obj[key] for key in ("v", "time", "kind", "tids", "crc"))
     if type(version) is not int or version != FORMAT_VERSION:
         raise fail(f"unsupported format version {version!r}")
     if type(time) not in (int, float) or not math.isfinite(time):
         raise fail(f"time {time!r} is not a finite number")
-    if kind not in KINDS:
+    if kind not in KINDS and split is None:
         raise fail(f"unknown record kind {kind!r}")
     problem = _tids_problem(tids)
     if problem is not None:
@@ -224,10 +250,12 @@ def _decode_json_record(text: str, fail: Callable[[str], TidLogError]) -> tuple[
     if not isinstance(crc, str) or not _CRC_PATTERN.fullmatch(crc):
         raise fail(f"crc {crc!r} is not 8 lowercase hex digits")
     del obj["crc"]
+    if split is not None:
+        del obj["tids"]
     expected = _crc(obj)
     if crc != expected:
         raise fail(f"crc mismatch: recorded {crc}, computed {expected}")
-    return float(time), kind, tids
+    return float(time), kind, tids, split
 
 
 def _strip_long_suffixes(source: str) -> str:
@@ -289,11 +317,12 @@ def decode_line(line: bytes, lineno: int = 0, path: str = "<tidlog>") -> Record:
     except UnicodeDecodeError as exc:
         raise fail(f"invalid UTF-8: {exc}") from None
     legacy = not text.startswith("{")
+    split = None
     if legacy:
         time, kind, tids = _decode_legacy_record(text, fail)
     else:
-        time, kind, tids = _decode_json_record(text, fail)
-    return Record(time=time, kind=kind, tids=tids, lineno=lineno, legacy=legacy)
+        time, kind, tids, split = _decode_json_record(text, fail)
+    return Record(time=time, kind=kind, tids=tids, lineno=lineno, legacy=legacy, split=split)
 
 
 # ---------------------------------------------------------------------------
@@ -319,6 +348,10 @@ class LogContents:
     records: list[Record] = field(default_factory=list)
     #: (lineno, reason) if the last line is incomplete or corrupt (ignored).
     torn_tail: tuple[int, str] | None = None
+
+    def accepted(self) -> set[str]:
+        """The splits an operator accepted as they are."""
+        return {r.split for r in self.records if r.split is not None}
 
     def final_tids(self) -> dict[str, int]:
         """The published state after the last record."""
@@ -489,6 +522,9 @@ def rewrite_full(src: PathLike, dst: PathLike) -> int:
     state: dict[str, int] = {}
     lines = []
     for record in read_log(src_name).records:
+        if record.split is not None:
+            lines.append(encode_accept(record.time, record.split))  # kept as it is
+            continue
         fold_record(state, record)
         lines.append(encode_record(record.time, KIND_FULL, state))
     atomic_write(dst_name, b"".join(lines), mode=FILE_MODE)
@@ -659,8 +695,11 @@ class TidLogWriter:
         clock: Callable[[], float] = _time.time,
         *,
         initial_state: Mapping[str, int] | None = None,
+        accepted: Iterable[str] = (),
     ) -> None:
         self.path = os.fspath(path)
+        #: accepted splits: written again at the top of each new file
+        self._accepted: list[str] = list(accepted)
         if burst_period is None and full_dump_period is None:
             burst_period = 0.0
         self._burst_period = burst_period
@@ -793,6 +832,13 @@ class TidLogWriter:
         if self._burst_period is not None:
             self._next_burst = now + self._burst_period
 
+    def accept(self, split: str) -> None:
+        """Record, at once and fsync'd, that an operator accepted ``split``."""
+        timestamp = self._next_timestamp()
+        self._append(encode_accept(timestamp, split))
+        self._last_time = timestamp
+        self._accepted.append(split)
+
     def write_full(self) -> None:
         """Write a full record of the state now (if the state is not empty)."""
         now = self._clock()
@@ -824,6 +870,10 @@ class TidLogWriter:
             raise
         if old_fd is not None:
             os.close(old_fd)
+        for split in self._accepted:  # a new file: the acceptances go with it
+            timestamp = self._next_timestamp()
+            self._append(encode_accept(timestamp, split))
+            self._last_time = timestamp
         self.write_full()
 
     @property

@@ -51,6 +51,7 @@ TID, the cut, the rule, the transactions dropped and why); its
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ __all__ = [
     "decide_cuts",
     "describe_cut",
     "post_check",
+    "tidlog_accepted",
     "tidlog_tids",
 ]
 
@@ -166,6 +168,7 @@ def _refuse_deep_lowering(cuts: dict[str, CutDecision]) -> None:
 
 def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
                 echo: Echo = quiet, force_cut: bool = False, all_writers_stamp: bool = False,
+                accepted: Iterable[str] = (),
                 ) -> tuple[dict[str, CutDecision], verify.VerifyReport]:
     """Cut points at ``tids``, lowered to the largest coherent cut if needed,
     then, with ``all_writers_stamp``, raised to the stamps' point (see the
@@ -176,7 +179,8 @@ def decide_cuts(paths: dict[str, Path], tids: dict[str, int], *, window: float,
     the starting point, before any raise).  Also returns the verification
     report (splits at ``tids``, what was read).
     """
-    report = verify.check(paths, cut=tids, window=window, compute=True)
+    report = verify.check(paths, cut=tids, window=window, compute=True, accepted=accepted)
+    _report_healed(report, echo)
     for w in report.windows.values():
         if w.warning:
             echo(f"warning: {w.warning}")
@@ -221,7 +225,7 @@ def _raise_to_stamps(cuts: dict[str, CutDecision], report: verify.VerifyReport,
     for s, scan in report.scans.items():
         scan.extend_to(floor[s])  # every transaction above the starting point
     tails = {s: scan.ascending() for s, scan in report.scans.items()}
-    raised = largest_cut_above(tails, floor)
+    raised = largest_cut_above(tails, floor, accepted=report.accepted)
     for s, d in sorted(cuts.items()):
         if raised[s] <= floor[s]:
             continue
@@ -430,8 +434,17 @@ def _reason(s, tid, st, d: CutDecision, rule, first, where, cuts, final) -> str:
     return "after a dropped transaction of this storage (a cut keeps a prefix)"
 
 
+def _report_healed(report: verify.VerifyReport, echo: Echo) -> None:
+    for split, heals in sorted(report.healed.items()):
+        echo(f"healed: split transaction {split} is undone by its heal on "
+             + ", ".join(f"{s} ({verify.format_tid(t)})" for s, t in sorted(heals.items())))
+    for split in sorted(report.accepted):
+        echo(f"accepted: split transaction {split} was accepted as it is by the operator"
+             " (tidstorage heal --accept): not cut for")
+
+
 def confirm_cuts(cuts: dict[str, CutDecision], *, window: float,
-                 echo: Echo = quiet) -> None:
+                 echo: Echo = quiet, accepted: Iterable[str] = ()) -> None:
     """After truncation: check that each file ends where it was cut, then
     verify the cut files again (their tails are read anew).  Raises
     :class:`ToolError` if a file is not as intended or a transaction is
@@ -444,7 +457,8 @@ def confirm_cuts(cuts: dict[str, CutDecision], *, window: float,
                             f"{verify.format_tid(last)} after cutting, expected "
                             f"{d.point.offset} bytes ending with "
                             f"{verify.format_tid(d.point.last_tid)}")
-    after = verify.check({s: d.path for s, d in cuts.items()}, window=window)
+    after = verify.check({s: d.path for s, d in cuts.items()}, window=window,
+                         accepted=accepted)
     if after.splits:
         for sp in after.splits:
             echo(f"verify: SPLIT {verify.describe_split(sp)}")
@@ -466,6 +480,13 @@ def post_check(paths: dict[str, Path], window: float, echo: Echo) -> bool:
 def _scanned(report: verify.VerifyReport) -> str:
     return ", ".join(f"{s}: {w.transactions} transactions read" for s, w in
                      sorted(report.windows.items()))
+
+
+def tidlog_accepted(path: Path | None) -> frozenset[str]:
+    """The splits the TID log ``path`` says an operator accepted."""
+    if path is None or not path.exists():
+        return frozenset()
+    return frozenset(read_log(path).accepted())
 
 
 def tidlog_tids(path: Path, storages, echo: Echo = quiet) -> dict[str, int]:

@@ -46,6 +46,7 @@ from .cut import (
     decide_cuts,
     describe_cut,
     make_plan,
+    tidlog_accepted,
     tidlog_tids,
 )
 
@@ -165,7 +166,8 @@ def _make_plan(storages, tids, tidlog: Path, window: float, force_cut: bool, ech
     paths = {s: st.data_fs for s, st in storages.items()}
     try:
         cuts, report = decide_cuts(paths, tids, window=window, echo=echo, force_cut=force_cut,
-                                   all_writers_stamp=all_writers_stamp)
+                                   all_writers_stamp=all_writers_stamp,
+                                   accepted=tidlog_accepted(tidlog))
         if dry_run:
             result.plan = make_plan("repair", cuts, report, tidlog=tidlog,
                                     all_writers_stamp=all_writers_stamp)
@@ -341,7 +343,8 @@ def run_repair(config: Config, *, tidlog: Path | None = None,
             _execute_plan(plan, [_plan_path(st.data_fs) for st in storages.values()], echo,
                           result)
             try:
-                confirm_cuts(result.cuts, window=window, echo=echo)
+                confirm_cuts(result.cuts, window=window, echo=echo,
+                             accepted=tidlog_accepted(result.tidlog))
             except ToolError as exc:
                 echo(f"ERROR: {exc}")
                 result.coherent = False

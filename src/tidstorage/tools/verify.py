@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..core.stamps import (
@@ -46,6 +46,7 @@ from ..core.stamps import (
     Split,
     Stamp,
     find_splits,
+    healed_splits,
     largest_coherent_cut,
     stamp_of,
 )
@@ -199,6 +200,10 @@ class VerifyReport:
     window: float
     scans: dict[str, TailScan] = field(repr=False, default_factory=dict)
     horizon: dict[str, int] = field(repr=False, default_factory=dict)
+    #: splits an operator accepted as they are (never reported as splits)
+    accepted: frozenset[str] = frozenset()
+    #: splits the cut (or the files) keep healed: id -> {storage: heal TID}
+    healed: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -210,7 +215,7 @@ class VerifyReport:
         Only meaningful for cuts whose windows were read (e.g. ``coherent``).
         """
         txns = {s: scan.ascending() for s, scan in self.scans.items()}
-        return find_splits(txns, cut, horizon=self.horizon)
+        return find_splits(txns, cut, horizon=self.horizon, accepted=self.accepted)
 
     def kept_last(self, storage: str, cut: int) -> int | None:
         return self.scans[storage].kept_last(cut)
@@ -241,16 +246,21 @@ def _horizon(scan: TailScan, bound: int, edge: float) -> int | None:
 
 
 def check(paths: Mapping[str, os.PathLike | str], cut: Mapping[str, int] | None = None, *,
-          window: float = DEFAULT_WINDOW, compute: bool = False) -> VerifyReport:
+          window: float = DEFAULT_WINDOW, compute: bool = False,
+          accepted: Iterable[str] = ()) -> VerifyReport:
     """Look for split transactions in the tails of ``paths`` (storage id ->
     ``Data.fs``), under ``cut`` (storage id -> TID; None: the files as they
     are).  With ``compute``, also the largest coherent cut ``<= cut``.
+    A split healed under the cut (``tidstorage heal``) is not a split (see
+    ``report.healed``); ``accepted`` splits (``heal --accept``, from the TID
+    log) are ignored (see ``report.accepted``).
 
     Raises :class:`filestorage.ScanError` for a file that cannot be read as a
     FileStorage (damage before its tail), ``OSError`` for a missing file.
     """
     if window <= 0:
         raise ValueError(f"window must be positive, not {window}")
+    accepted = frozenset(accepted)
     edge = window / 2
     scans = {s: TailScan(s, p) for s, p in paths.items()}
     start = {s: (MAX_TID if cut is None else cut.get(s, MAX_TID)) for s in scans}
@@ -268,7 +278,8 @@ def check(paths: Mapping[str, os.PathLike | str], cut: Mapping[str, int] | None 
         txns = {s: scan.ascending() for s, scan in scans.items()}
         horizon = {s: h for s, scan in scans.items()
                    if (h := _horizon(scan, need[s], edge)) is not None}
-        current = largest_coherent_cut(txns, start, horizon=horizon) if compute else start
+        current = (largest_coherent_cut(txns, start, horizon=horizon, accepted=accepted)
+                   if compute else start)
         changed = False
 
         def want(storage: str, bound: int) -> None:
@@ -293,7 +304,9 @@ def check(paths: Mapping[str, os.PathLike | str], cut: Mapping[str, int] | None 
         if not changed:
             break
 
-    splits = find_splits(txns, None if cut is None else start, horizon=horizon)
+    splits = find_splits(txns, None if cut is None else start, horizon=horizon,
+                         accepted=accepted)
+    healed = healed_splits(txns, None if cut is None else start)
     windows = {
         s: StorageWindow(
             id=s, path=scan.path, last_tid=scan.last_tid, bound=need[s],
@@ -305,7 +318,8 @@ def check(paths: Mapping[str, os.PathLike | str], cut: Mapping[str, int] | None 
         splits=splits,
         cut=None if cut is None else dict(start),
         coherent=dict(current) if compute else None,
-        windows=windows, window=window, scans=scans, horizon=horizon)
+        windows=windows, window=window, scans=scans, horizon=horizon,
+        accepted=accepted, healed=healed)
 
 
 def describe_split(split: Split) -> str:
