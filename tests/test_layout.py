@@ -141,3 +141,19 @@ def test_every_module_is_reachable_from_an_entry_point():
         todo.extend(p for p in (mod.rsplit(".", k)[0] for k in range(1, mod.count(".") + 1))
                     if p in MODULES)
     assert sorted(set(MODULES) - seen) == []
+
+
+def test_the_readme_layout_table_names_every_module():
+    readme = (SRC.parent / "README.md").read_text()
+    table = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for mod, path in MODULES.items():
+        parts = mod.split(".")
+        if len(parts) == 3 and path.name != "__init__.py":  # tidstorage.<folder>.<module>
+            if f"`{path.name}`" not in table:
+                missing.append(mod)
+        elif len(parts) == 2 and path.parent.name == "tidstorage" and path.name not in (
+                "__main__.py", "errors.py"):
+            if f"`{path.name}`" not in table and f"`{parts[1]}/`" not in table:
+                missing.append(mod)
+    assert missing == []

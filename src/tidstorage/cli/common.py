@@ -10,6 +10,7 @@ import click
 
 from ..config import Config, load_config
 from ..errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, TidstorageError
+from ..tools.common import human_size  # noqa: F401  (the CLI's sizes: one home)
 
 __all__ = ["CONFIG", "CONFIG_OPTIONAL", "fail", "load", "errors", "human_size", "table", "EXIT_FAILURE",
            "EXIT_USAGE"]
@@ -22,18 +23,6 @@ CONFIG = click.option("-c", "--config", "config_path", required=True, envvar="TI
 CONFIG_OPTIONAL = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                                envvar="TIDSTORAGE_CONFIG",
                                help="TOML config file (default: $TIDSTORAGE_CONFIG).")
-
-
-def human_size(n: int | float | None) -> str:
-    """``1536`` -> ``1.5 KiB`` (binary units, as du -h)."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"  # pragma: no cover
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -37,7 +37,8 @@ def check(config_path, zope_confs, zeo_confs, no_probe, as_json) -> None:
       tidstorage config check -c tidstorage.toml \\
           --zope-conf etc/zope.conf --zeo-conf zeo1/etc/zeo.conf --zeo-conf zeo2/etc/zeo.conf
     """
-    from ..tools.zope_config import ERROR, check as run_check
+    from ..tools.zope_config import ERROR
+    from ..tools.zope_config import check as run_check
 
     config = load(config_path)
     with errors():

@@ -6,7 +6,7 @@ happens to hold: a failed ``backup --full`` leaves a new full backup in some
 repositories, and the recorded backups still need the older one.
 
 * A recorded backup is **restorable** when every file it needs is there (see
-  :func:`tidstorage.tools.restore.backup_problems`: each storage's repozo chain as
+  :func:`tidstorage.tools.common.backup_problems`: each storage's repozo chain as
   of it, checked against its ``.dat``, its blob snapshot, its TID log copy).
 * It is **full** when every storage's chain starts after the previous
   restorable recorded backup (``backup --full``, or repozo's own full).
@@ -46,6 +46,7 @@ from .common import (
     BACKUP_LOCK,
     Echo,
     Lock,
+    backup_problems,
     blob_backup_dir,
     quiet,
     read_timestamps,
@@ -54,7 +55,6 @@ from .common import (
     set_tidlog_copies,
 )
 from .identity import check_identities, tidlog_identity_path
-from .restore import backup_problems
 
 __all__ = ["CleanupPlan", "plan_cleanup", "run_cleanup"]
 

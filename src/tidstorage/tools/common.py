@@ -21,6 +21,8 @@ import zc.lockfile
 
 from ..config import Config, ConfigError
 from ..errors import ToolError
+from ..formats import blobs
+from ..formats import repozo as rz
 from ..formats.durable import fsync_dir, sha256_file
 from ..formats.repozo import TIMESTAMP_LEN, TIMESTAMP_RE
 
@@ -29,6 +31,8 @@ __all__ = [
     "MAX_ID_FILENAME",
     "Echo",
     "Progress",
+    "backup_problems",
+    "human_size",
     "wait_writing",
     "Lock",
     "blob_backup_dir",
@@ -285,3 +289,36 @@ def wait_writing(proc, sid: str, path: Path, total: int | None,
                     done = 0
                 progress(sid, "repozo", done, total)
     return proc.returncode, (err or b"").decode(errors="replace").strip()
+
+
+def human_size(n: int | float | None) -> str:
+    """``1536`` -> ``1.5 KiB`` (binary units, as du -h)."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"  # pragma: no cover
+
+
+def backup_problems(config: Config, date: str, *, tidlog_copy: bool = True) -> list[str]:
+    """Why the recorded backup ``date`` cannot be restored (empty: it can):
+    repository files (checked against the ``.dat``), blob snapshots, and,
+    with ``tidlog_copy``, the TID log copy it cuts at."""
+    out = []
+    for sid, st in sorted(config.storages.items()):
+        try:
+            rz.verified_chain(st.backup_dir, date)
+        except rz.RepositoryError as exc:
+            out.append(f"storage {sid}: {exc}")
+        if st.blob_dir is not None and blobs.latest_snapshot(
+                blob_backup_dir(st.backup_dir), at_most=date) is None:
+            out.append(f"storage {sid}: no blob backup at or before {date} in "
+                       f"{blob_backup_dir(st.backup_dir)}")
+    directory = config.backup.status_file_backup_dir
+    if (tidlog_copy and directory is not None
+            and not [ts for ts, _ in set_tidlog_copies(config) if ts <= date]):
+        out.append(f"no TID log copy at or before {date} in {directory}")
+    return out

@@ -79,7 +79,14 @@ from ..core.tids import tid_at, tid_seconds, tid_time
 from ..errors import ToolError
 from ..formats import repozo as rz
 from ..formats.tidlog import TidLogError, fold_record
-from .common import Echo, quiet, read_timestamps, set_tidlog_copies
+from .common import (
+    Echo,
+    backup_problems,
+    human_size,
+    quiet,
+    read_timestamps,
+    set_tidlog_copies,
+)
 
 __all__ = [
     "BackupInfo",
@@ -318,8 +325,6 @@ class Inventory:
                 "all_writers_stamp": self.all_writers_stamp}
 
     def lines(self) -> list[str]:
-        from ..cli.common import human_size
-
         out = [f"backups: {len(self.backups)} recorded"]
         for b in self.backups:
             parts = []
@@ -361,8 +366,6 @@ class Inventory:
 
 
 def _backup_infos(config: Config) -> list[BackupInfo]:
-    from .restore import backup_problems
-
     stamps = read_timestamps(config.backup.timestamp_file)
     copies = set_tidlog_copies(config)
     out, prev = [], None

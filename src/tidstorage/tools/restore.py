@@ -58,6 +58,7 @@ from .common import (
     Echo,
     Lock,
     Progress,
+    backup_problems,
     blob_backup_dir,
     id_filename,
     os_error_text,
@@ -88,7 +89,6 @@ __all__ = [
     "RESTORE_SAFETY_SUFFIX",
     "RestoreResult",
     "StorageRestore",
-    "backup_problems",
     "migrate_output_names",
     "output_paths",
     "run_restore",
@@ -141,27 +141,6 @@ class RestoreResult:
 
     def lowered(self) -> list[str]:
         return sorted(s for s, r in self.storages.items() if r.cut and r.cut.lowered)
-
-
-def backup_problems(config: Config, date: str, *, tidlog_copy: bool = True) -> list[str]:
-    """Why the recorded backup ``date`` cannot be restored (empty: it can):
-    repository files (checked against the ``.dat``), blob snapshots, and,
-    with ``tidlog_copy``, the TID log copy it cuts at."""
-    out = []
-    for sid, st in sorted(config.storages.items()):
-        try:
-            rz.verified_chain(st.backup_dir, date)
-        except rz.RepositoryError as exc:
-            out.append(f"storage {sid}: {exc}")
-        if st.blob_dir is not None and blobs.latest_snapshot(
-                blob_backup_dir(st.backup_dir), at_most=date) is None:
-            out.append(f"storage {sid}: no blob backup at or before {date} in "
-                       f"{blob_backup_dir(st.backup_dir)}")
-    directory = config.backup.status_file_backup_dir
-    if (tidlog_copy and directory is not None
-            and not [ts for ts, _ in set_tidlog_copies(config) if ts <= date]):
-        out.append(f"no TID log copy at or before {date} in {directory}")
-    return out
 
 
 def _choose_date(config: Config, date: str | None, echo: Echo, *,
