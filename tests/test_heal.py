@@ -403,3 +403,101 @@ def _last(site, name) -> bytes:
         return cs.lastTransaction()
     finally:
         cs.close()
+
+
+KILL_HEAL_AFTER_FIRST_FINISH = """
+import os, signal, sys
+from ZEO.ClientStorage import ClientStorage
+
+real = ClientStorage.tpc_finish
+
+def tpc_finish(self, txn, *args, **kw):
+    tid = real(self, txn, *args, **kw)
+    if (txn.extension.get("tidstorage") or {}).get("heals"):
+        os.kill(os.getpid(), signal.SIGKILL)  # between the heal's finishes
+    return tid
+
+ClientStorage.tpc_finish = tpc_finish
+from tidstorage.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_heal_killed_between_its_finishes_is_completed(site):
+    """A split on two holders (a1, b1; missing from a2); its heal killed
+    for real after its first finish: a re-run completes the heal (the same
+    heal id) on the other holder."""
+    stamp = {"tidstorage": {"id": "ts:three-1", "storages": ["a1", "a2", "b1"]}}
+    parts = {n: _raw_commit(site, n, stamp)[1] for n in ("a1", "b1")}
+    poll(lambda: status(site)["splits"], lambda s: "ts:three-1" in s)
+    killed = subprocess.run([sys.executable, "-c", KILL_HEAL_AFTER_FIRST_FINISH, "heal", "-c",
+                             site.config], capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+
+    def heals():
+        return {n: [(t, e["tidstorage"]) for t, _, e in records(site.files[n])
+                    if e.get("tidstorage", {}).get("heals") == "ts:three-1"] for n in parts}
+    partial = heals()
+    assert sorted(len(v) for v in partial.values()) == [0, 1], partial
+    (first,) = [n for n, v in partial.items() if v]
+    (other,) = [n for n in parts if n != first]
+    hid = partial[first][0][1]["id"]
+    assert partial[first][0][1] == {"id": hid, "storages": ["a1", "b1"], "heals": "ts:three-1"}
+
+    r = cli("heal", "-c", site.config, "--json")
+    out = json.loads(r.stdout)
+    entry = next(e for e in out["splits"] if e["split"] == "ts:three-1")
+    assert entry["state"] == "healed" and entry["heal"]["completed"] == [other], entry
+    assert entry["heal"]["id"] == hid
+    done = heals()
+    assert [e for _, e in done[other]] == [partial[first][0][1]]  # the same heal, now whole
+    assert done[first] == partial[first]  # not undone twice
+    assert r.returncode == 0, r.stdout + r.stderr
+    poll(lambda: status(site)["splits"], lambda s: not s)
+
+
+def test_local_storages_are_healed_only_when_nothing_uses_them(tmp_path):
+    """Local FileStorages (data_fs only): refused while a process holds
+    Data.fs.lock; healed on the files once it is released."""
+    from ZODB.FileStorage import FileStorage
+
+    files = {n: tmp_path / n / "Data.fs" for n in ("a", "b")}
+    for path in files.values():
+        path.parent.mkdir(parents=True)
+        FileStorage(str(path)).close()
+    admin = tmp_path / "admin-token"
+    admin.write_text(ADMIN_TOKEN + "\n")
+    admin.chmod(0o600)
+    d = DaemonProcess(tmp_path / "daemon", storages={n: {"data_fs": str(p)}
+                                                     for n, p in files.items()},
+                      server={"in_doubt_grace": 1.0, "admin_token_file": str(admin)}).start()
+    try:
+        d.wait_bootstrapped()
+        fs = FileStorage(str(files["a"]))
+        txn = TransactionMetaData(extension={"tidstorage": {"id": "ts:local-1",
+                                                            "storages": ["a", "b"]}})
+        fs.tpc_begin(txn)
+        fs.store(fs.new_oid(), b"\0" * 8, _record({"v": 1}), "", txn)
+        fs.tpc_vote(txn)
+        split_tid = u64(fs.tpc_finish(txn))
+        fs.close()
+        with d.client() as c:
+            poll(lambda: c.admin({"verb": "status"})["splits"], lambda s: "ts:local-1" in s)
+        held = FileStorage(str(files["a"]))  # a process using it
+        try:
+            r = cli("heal", "-c", str(d.config_path))
+            assert r.returncode == 1
+            assert "in use" in r.stdout and "stop the process using it or use ZEO" in r.stdout
+        finally:
+            held.close()
+        assert [t for t, _, _ in records(files["a"])][-1] == split_tid  # nothing written
+        r = cli("heal", "-c", str(d.config_path), "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        (entry,) = json.loads(r.stdout)["splits"]
+        assert entry["state"] == "healed" and entry["objects"]["a"][0]["created"] is True
+        heal_tid = entry["heal"]["tids"]["a"]["tid"]
+        assert records(files["a"])[-1][0] == heal_tid > split_tid
+        assert records(files["a"])[-1][2]["tidstorage"]["heals"] == "ts:local-1"
+        assert records(files["b"]) == []  # nothing on b, not even a barrier
+    finally:
+        d.kill()

@@ -599,6 +599,14 @@ class _Trial(Exception):
     pass
 
 
+class _IsHeal(Exception):
+    """The id to heal is itself a (partial) heal: complete the split's heal."""
+
+    def __init__(self, split: str) -> None:
+        super().__init__(split)
+        self.split = split
+
+
 class _UndoFailed(Exception):
     def __init__(self, sid: str, exc: BaseException, finished: dict[str, int]) -> None:
         super().__init__(f"{sid}: {type(exc).__name__}: {exc}")
@@ -707,6 +715,8 @@ class _Found:
     named: set[str] = field(default_factory=set)
     #: heal id -> (storages named, {storage: tid})
     heals: dict[str, tuple[list[str], dict[str, int]]] = field(default_factory=dict)
+    #: the id's own records are a heal: of this split
+    heals_of: str | None = None
 
 
 def _scan(stores: Mapping[str, _Store], published: Mapping[str, int], ids: set[str]
@@ -724,6 +734,8 @@ def _scan(stores: Mapping[str, _Store], published: Mapping[str, int], ids: set[s
                 f = found[tid_id]
                 f.parts.setdefault(sid, tid)
                 f.named.update(names)
+                if isinstance(heals, str) and heals:
+                    f.heals_of = heals
             if isinstance(heals, str) and heals in found and isinstance(tid_id, str):
                 entry = found[heals].heals.setdefault(tid_id, (sorted(set(names)), {}))
                 entry[1].setdefault(sid, tid)
@@ -757,15 +769,32 @@ def run_heal(config: Config, ids: Iterable[str] = (), *, dry_run: bool = False,
     if not targets:
         return result
     stores = {sid: _Store(sid, st) for sid, st in config.storages.items()}
+    done: dict[str, SplitHeal] = {}
     try:
         for split_id in targets:
+            if split_id in done:
+                continue
             heal = SplitHeal(split_id)
             result.heals.append(heal)
             try:
-                _heal_one(config, heal, splits.get(split_id), stores, published, dry_run, echo,
-                          barrier_timeout)
+                try:
+                    _heal_one(config, heal, splits.get(split_id), stores, published, dry_run,
+                              echo, barrier_timeout)
+                except _IsHeal as redirect:
+                    # A heal killed between its finishes: the daemon lists the
+                    # heal itself as split. Complete the heal of its split.
+                    if redirect.split in done:
+                        heal.state = done[redirect.split].state
+                        heal.reason = f"a heal of {redirect.split}, completed above"
+                        continue
+                    echo(f"{split_id} is an interrupted heal of {redirect.split}: completing it")
+                    result.heals[-1] = heal = SplitHeal(redirect.split)
+                    _heal_one(config, heal, splits.get(redirect.split), stores, published,
+                              dry_run, echo, barrier_timeout)
+                    done[split_id] = heal
             except ToolError as exc:
                 heal.state, heal.reason = REFUSED, str(exc)
+            done[heal.split] = heal
             if heal.state in (HEALED, ALREADY) and not dry_run:
                 _tell_daemon(config, heal, wait, echo)
     finally:
@@ -791,6 +820,8 @@ def _heal_one(config, heal: SplitHeal, known: Mapping | None, stores, published,
             raise ToolError(f"no record of {split_id} above the published TID of any storage"
                             " (not a split: a published point keeps a transaction whole, or"
                             " an id that was never written)")
+        if f.heals_of:
+            raise _IsHeal(f.heals_of)
         candidates = set(f.parts) | f.named
     unknown = sorted(s for s in candidates if s not in stores)
     if unknown:
@@ -808,6 +839,8 @@ def _heal_one(config, heal: SplitHeal, known: Mapping | None, stores, published,
     seen = said if known is not None else pre[split_id].parts
     _barrier({s: st for s, st in involved.items() if s not in seen}, barrier_timeout)
     found = _scan(involved, published, {split_id})[split_id]
+    if found.heals_of:
+        raise _IsHeal(found.heals_of)
     named = sorted(found.named | candidates)
     heal.storages = named
     extra = sorted(s for s in found.named if s not in involved)
