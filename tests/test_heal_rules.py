@@ -97,3 +97,15 @@ def test_an_accepted_split_is_recorded_and_survives_a_restart(site):
     r = verify(site)
     assert r.returncode == 0, r.stdout
     assert "accepted: split transaction ts:dead-2" in r.stdout
+    # repair (here its plan) honours the acceptance: the TID log's point,
+    # which keeps the accepted split on b1, is not lowered below it
+    r = subprocess.run([sys.executable, "-m", "tidstorage", "repair", "-c",
+                        str(site.config_path), "--dry-run", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    plan = json.loads(r.stdout)
+    b1 = next(sp for sp in plan["storages"] if sp["id"] == "b1") if isinstance(
+        plan["storages"], list) else plan["storages"]["b1"]
+    assert b1["rule"] != "lowered" and b1["cut_tid"] >= split, b1

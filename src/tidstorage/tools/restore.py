@@ -80,6 +80,7 @@ from .cut import (
     describe_cut,
     make_plan,
     post_check,
+    tidlog_accepted,
     tidlog_tids,
 )
 from .identity import check_identities, check_tidlog_identity
@@ -557,7 +558,8 @@ def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, forc
                 before_cut({s: r.tmp for s, r in plans.items()})
             cuts, report = decide_cuts({s: r.tmp for s, r in plans.items()}, tids,
                                        window=window, echo=echo, force_cut=force_cut,
-                                       all_writers_stamp=aws)
+                                       all_writers_stamp=aws,
+                                       accepted=tidlog_accepted(log_path))
         except ScanError as exc:
             raise ToolError(f"restore failed: {exc}; nothing was changed") from None
         for s, d in cuts.items():
@@ -605,15 +607,17 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
             aws = config.server.all_writers_stamp
             if before_cut is not None:  # --at with the stamps: nothing after TIME
                 before_cut(paths)
+            accepted = tidlog_accepted(result.tidlog)
             cuts, report = decide_cuts(paths, tids, window=window, echo=echo,
-                                       force_cut=force_cut, all_writers_stamp=aws)
+                                       force_cut=force_cut, all_writers_stamp=aws,
+                                       accepted=accepted)
             result.plan = _restore_plan(cuts, report, plans, result, aws)
             for s, d in cuts.items():
                 echo(describe_cut(d, plans[s].target))
                 plans[s].cut = d
                 if d.changes:
                     filestorage.truncate_at(d.path, d.point.offset)
-            confirm_cuts(cuts, window=window, echo=echo)
+            confirm_cuts(cuts, window=window, echo=echo, accepted=accepted)
             result.coherent = True
         else:
             result.coherent = post_check(paths, window, echo)
