@@ -444,6 +444,7 @@ def test_a_heal_killed_between_its_finishes_is_completed(site):
     hid = partial[first][0][1]["id"]
     assert partial[first][0][1] == {"id": hid, "storages": ["a1", "b1"], "heals": "ts:three-1"}
 
+    needs_lead("the daemon unfreezing a completed heal")
     r = cli("heal", "-c", site.config, "--json")
     out = json.loads(r.stdout)
     entry = next(e for e in out["splits"] if e["split"] == "ts:three-1")
@@ -491,6 +492,7 @@ def test_local_storages_are_healed_only_when_nothing_uses_them(tmp_path):
         finally:
             held.close()
         assert [t for t, _, _ in records(files["a"])][-1] == split_tid  # nothing written
+        needs_lead("the daemon unfreezing a healed split")
         r = cli("heal", "-c", str(d.config_path), "--json")
         assert r.returncode == 0, r.stdout + r.stderr
         (entry,) = json.loads(r.stdout)["splits"]
