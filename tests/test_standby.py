@@ -310,3 +310,23 @@ def test_interrupted_in_place_promote_is_resumed(tmp_path):
     assert res.resumed
     for sid in site.ids:
         assert digest(standby_paths(standby, sid)[0]) == digest(tmp_path / "out" / f"{sid}.fs")
+
+
+def test_a_full_backup_being_written_is_not_used_yet(tmp_path):
+    site = Site(tmp_path / "site", blobs=False)
+    standby = tmp_path / "standby"
+    config = load_config(site.config)
+    with site:
+        site.commit()
+        site.publish()
+        _backup(site)
+        run_sync(config, standby)
+        site.commit()
+        site.publish()
+        _backup(site)
+    # repozo -F renamed its data file, its .dat line not written yet
+    full = sorted(site.repo("a").glob("*.fs"))[-1]
+    (site.repo("a") / "2999-01-01-00-00-00.fs").write_bytes(full.read_bytes())
+    result = run_sync(config, standby)
+    assert result.storages["a"].mode == "incremental", result.storages["a"].reason
+    assert len(result.storages["a"].applied) == 1

@@ -344,6 +344,8 @@ def _chain(sid: str, repo: Path) -> tuple[str, list[rz.DatEntry]]:
     if not fulls:
         raise ToolError(f"storage {sid}: no full backup in {repo}")
     full = fulls[-1]
+    if len(fulls) > 1 and not rz.dat_path(repo, full).exists():
+        full = fulls[-2]  # a full backup being written (its .dat comes last): not yet
     try:
         entries = rz.read_dat(rz.dat_path(repo, full))
         names = rz.verified_chain(repo, rz.file_date(entries[-1].name) if entries else
