@@ -372,7 +372,7 @@ def _plan(sid: str, repo: Path, fs: Path, state_path: Path) -> StorageSync:
                         f"not {sid!r}")
     r._state = state
     if state is None or not fs.exists():
-        r.mode, r.reason = "new", "first sync: recovered fully"
+        r.mode, r.reason = "new", "first sync"
         return r
     if state.full != full:
         r.mode = "full"
