@@ -282,3 +282,16 @@ def test_no_published_or_computed_cut_ever_splits_an_unhealed_transaction(histor
             for txn, (kept, where) in _effectively_kept(files, cut).items():
                 assert not kept or (kept == truth[txn] and set(where) == truth[txn]), (
                     txn, where, cut)
+
+
+def test_a_split_whose_missing_part_appears_later_is_whole_again():
+    # An interrupted heal over a and c, completed on c by a re-run.
+    g = Gate(["a", "c"], {})
+    g.feed("a", [(1, stamp("H", "a", "c")), (2, None)])
+    g.feed("c", [(1, None)])
+    g.mark_split("H", ["c"])
+    g.compute({})
+    assert "H" in g.splits and "a" not in g.published
+    g.feed("c", [(3, stamp("H", "a", "c"))])
+    changed, _ = g.compute({})
+    assert changed == {"a": 2, "c": 3} and not g.splits

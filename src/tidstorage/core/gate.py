@@ -476,6 +476,11 @@ class Gate:
             self._forget(known)
         if self.splits:
             for txn, known in list(self.splits.items()):
+                if known.complete and known.kept(published) == len(known.storages):
+                    # Its "missing" part appeared after all (a heal completed
+                    # by a re-run writes the heal's id there): whole now.
+                    del self.splits[txn]
+                    continue
                 if known.undone(published):
                     # Healed, and published past the heal wherever it is kept.
                     del self.splits[txn]
