@@ -12,7 +12,7 @@ from ..config import Config, load_config
 from ..errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, TidstorageError
 from ..tools.common import human_size  # noqa: F401  (the CLI's sizes: one home)
 
-__all__ = ["CONFIG", "CONFIG_OPTIONAL", "fail", "load", "errors", "human_size", "table", "EXIT_FAILURE",
+__all__ = ["CONFIG", "CONFIG_OPTIONAL", "fail", "load", "errors", "human_size", "progress", "table", "EXIT_FAILURE",
            "EXIT_USAGE"]
 
 #: The TOML config, required (most commands) or optional (serve, dump);
@@ -75,3 +75,19 @@ def errors():
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         fail(f"{exc.strerror or exc}{where}")
+
+
+@contextlib.contextmanager
+def progress(config: Config, bars, lines):
+    """A progress display for the storages of ``config``: ``bars(ids)`` on a
+    terminal (a rich Progress as ``.progress``, started and stopped here),
+    ``lines()`` otherwise (cron mail, journald)."""
+    if not sys.stderr.isatty():
+        yield lines()
+        return
+    shown = bars(sorted(config.storages))
+    shown.progress.start()
+    try:
+        yield shown
+    finally:
+        shown.progress.stop()

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -15,6 +13,7 @@ from .common import EXIT_USAGE, human_size
 from .common import errors as _errors
 from .common import fail as _fail
 from .common import load as _load
+from .common import progress as _common_progress
 
 _DIR = click.option("--dir", "directory", required=True,
                     type=click.Path(file_okay=False, path_type=Path),
@@ -58,17 +57,8 @@ class _Lines:
         click.echo(f"{sid}: {what}" + (f" ({human_size(total)})" if total else ""), err=True)
 
 
-@contextlib.contextmanager
 def _progress(config):
-    if not sys.stderr.isatty():
-        yield _Lines()
-        return
-    bars = _Bars(sorted(config.storages))
-    bars.progress.start()
-    try:
-        yield bars
-    finally:
-        bars.progress.stop()
+    return _common_progress(config, _Bars, _Lines)
 
 
 @click.group()

@@ -7,7 +7,6 @@ and/or file), 2 bad configuration or usage.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from .common import CONFIG_OPTIONAL, EXIT_FAILURE, EXIT_USAGE
 from .common import errors as _Errors
 from .common import fail as _fail
 from .common import load as _load
+from .common import progress as _common_progress
 
 _WINDOW = click.option("--window", type=click.FloatRange(min=1.0), default=3600.0,
                        show_default=True,
@@ -91,18 +91,8 @@ class _PlainProgress:
             click.echo(f"{sid}: FAILED", err=True)
 
 
-@contextlib.contextmanager
 def _progress(config):
-    """Bars on a terminal, plain lines otherwise (both on stderr)."""
-    if not sys.stderr.isatty():
-        yield _PlainProgress()
-        return
-    bars = _BackupProgress(sorted(config.storages))
-    bars.progress.start()
-    try:
-        yield bars
-    finally:
-        bars.progress.stop()
+    return _common_progress(config, _BackupProgress, _PlainProgress)
 
 
 @click.command()
