@@ -292,7 +292,11 @@ def _print_plan(plan, as_json):
 @click.option("--dry-run", is_flag=True, help="Print the cut plan (per storage: cut TID, "
               "transactions dropped, why) and change nothing (no lock, copy or plan file).")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
-def repair(config_path, tidlog, window, force_cut, dry_run, as_json):
+@click.option("--heal", "heal", is_flag=True,
+              help="First undo, on the files, the split transactions their ends hold (as "
+                   "tidstorage heal does online); cut only the splits that cannot be undone. "
+                   "Needs [server] all_writers_stamp = true.")
+def repair(config_path, tidlog, window, force_cut, dry_run, as_json, heal):
     """Cut every live Data.fs at its published TID (after a crash).
 
     A checked safety copy (Data.fs.before-repair) is made before any cut and
@@ -304,14 +308,22 @@ def repair(config_path, tidlog, window, force_cut, dry_run, as_json):
     Examples:
       tidstorage repair -c site.toml --dry-run           # the plan; nothing changed
       tidstorage repair -c site.toml
+      tidstorage repair -c site.toml --heal              # undo the splits, cut the rest
     """
     from ..tools.cut import CACHE_NOTE
-    from ..tools.repair import run_repair
+    from ..tools.repair import heal_before_repair, run_repair
 
     if as_json and not dry_run:
         _fail("--json goes with --dry-run", EXIT_USAGE)
+    if heal and dry_run:
+        _fail("--heal and --dry-run cannot be used together (see tidstorage heal --dry-run)",
+              EXIT_USAGE)
     config = _load(config_path)
     with _Errors():
+        heals = []
+        if heal:
+            heals = heal_before_repair(config, tidlog.resolve() if tidlog else None,
+                                       window=window, echo=click.echo)
         result = run_repair(config, tidlog=tidlog.resolve() if tidlog else None,
                             window=window, force_cut=force_cut, dry_run=dry_run,
                             echo=_plan_echo(as_json))
@@ -323,6 +335,12 @@ def repair(config_path, tidlog, window, force_cut, dry_run, as_json):
                    + ", ".join(str(p) for p in list(result.safety_copies.values())
                                + list(result.pruned_to.values())))
         click.echo(CACHE_NOTE)
+    if heal:
+        undone = [h.split for h in heals if h.state in ("healed", "already healed")]
+        kept = [h.split for h in heals if h.split not in undone]
+        click.echo(f"healed: {len(undone)} split transaction(s) undone"
+                   + (f" ({', '.join(undone)})" if undone else "")
+                   + f"; {len(kept)} cut instead" + (f" ({', '.join(kept)})" if kept else ""))
     if not result.coherent:
         _fail("the repaired files still hold split transactions (see above)")
 

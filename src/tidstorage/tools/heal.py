@@ -744,11 +744,19 @@ def _scan(stores: Mapping[str, _Store], published: Mapping[str, int], ids: set[s
 
 def run_heal(config: Config, ids: Iterable[str] = (), *, dry_run: bool = False,
              echo: Echo = quiet, wait: float = DAEMON_WAIT,
-             barrier_timeout: float = BARRIER_TIMEOUT) -> HealResult:
-    """Heal the daemon's frozen splits (or ``ids``); see the module docstring."""
+             barrier_timeout: float = BARRIER_TIMEOUT,
+             published: Mapping[str, int] | None = None) -> HealResult:
+    """Heal the daemon's frozen splits (or ``ids``); see the module docstring.
+
+    With ``published`` (the TID log's point: ``repair --heal``, the site and
+    its daemon down), the daemon is neither asked nor told, and ``ids`` must
+    be given."""
     ids = list(dict.fromkeys(ids))
     result = HealResult(dry_run=dry_run)
+    offline = published is not None
     try:
+        if offline:
+            raise ClientError("not asked (repair --heal: the site is down)")
         status = _status(config)
     except ClientError as exc:
         if not ids:
@@ -758,8 +766,9 @@ def run_heal(config: Config, ids: Iterable[str] = (), *, dry_run: bool = False,
         result.notes.append(f"the daemon cannot be reached ({exc}): each storage is read"
                             " from its beginning")
         echo(f"warning: {result.notes[-1]}")
-    published = {s: int(t) for s, t in (status or {}).get("published", {}).items()
-                 if t is not None}
+    if not offline:
+        published = {s: int(t) for s, t in (status or {}).get("published", {}).items()
+                     if t is not None}
     splits = dict((status or {}).get("splits", {})) if status else {}
     if status and status.get("split_count", len(splits)) > len(splits) and not ids:
         result.notes.append(f"the daemon lists {len(splits)} of its {status['split_count']}"
@@ -795,7 +804,7 @@ def run_heal(config: Config, ids: Iterable[str] = (), *, dry_run: bool = False,
             except ToolError as exc:
                 heal.state, heal.reason = REFUSED, str(exc)
             done[heal.split] = heal
-            if heal.state in (HEALED, ALREADY) and not dry_run:
+            if heal.state in (HEALED, ALREADY) and not dry_run and not offline:
                 _tell_daemon(config, heal, wait, echo)
     finally:
         for store in stores.values():

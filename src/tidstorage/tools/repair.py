@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, StorageConfig
+from ..config import Config, ConfigError, StorageConfig
 from ..errors import ToolError
 from ..formats import blobs, filestorage
 from ..formats.durable import atomic_write, fsync_dir
@@ -290,6 +290,48 @@ def _execute_plan(plan: dict, plan_files: list[Path], echo: Echo, result: Repair
         result.pruned_to[s] = moved
         echo(f"storage {s}: moved {len(pruned.files)} blob file(s) newer than the cut to "
              f"{moved}")
+
+
+def heal_before_repair(config: Config, tidlog: Path | None, *, window: float,
+                       echo: Echo = quiet) -> list:
+    """``repair --heal``: undo, on the files, every split their ends hold
+    (as ``tidstorage heal`` does online), before the cut; returns the
+    :class:`~tidstorage.tools.heal.SplitHeal` of each (healed or refused).
+
+    Only with ``[server] all_writers_stamp``: the cut that follows is then
+    raised to the stamps' point, which keeps the heals and every whole
+    transaction after the TID log's point; without it the cut would drop
+    them all, and healing would gain nothing (refused, ConfigError).
+    The site must be down: the files are opened (their locks taken) here."""
+    import dataclasses
+
+    from .heal import run_heal
+
+    if not config.server.all_writers_stamp:
+        raise ConfigError("repair --heal needs [server] all_writers_stamp = true: without a"
+                          " stamp on every writer's multi-storage commits the files cannot prove"
+                          " what is whole after the TID log's point, and the cut there would"
+                          " drop the heals with the rest (run repair without --heal)")
+    storages = _repair_storages(config)
+    if tidlog is None:
+        tidlog = require(config.server.status_file, "server.status_file",
+                         "repair (or give a TID log with -t)")
+    published = tidlog_tids(tidlog, storages, echo)
+    report = verify.check({s: st.data_fs for s, st in storages.items()}, window=window,
+                          accepted=tidlog_accepted(tidlog))
+    ids = [sp.id for sp in report.splits]
+    if not ids:
+        echo("repair --heal: no split transaction at the files' ends: nothing to heal")
+        return []
+    # The files themselves, whatever the config says of ZEO: the site is down.
+    local = dataclasses.replace(config, storages={
+        s: dataclasses.replace(st, zeo=None) for s, st in config.storages.items()})
+    result = run_heal(local, ids, echo=echo, published=published)
+    for heal in result.heals:
+        echo(f"repair --heal: split {heal.split}: {heal.state}"
+             + (f" ({heal.reason})" if heal.reason else "")
+             + (": it will be cut" if heal.state not in ("healed", "already healed") else ""))
+    return result.heals
 
 
 def run_repair(config: Config, *, tidlog: Path | None = None,
