@@ -15,6 +15,8 @@ def test_demo_runs_and_verifies(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "is split" in out
+    assert "healed: 1 transaction undone, 0 dropped" in out  # online, while writing
+    assert "live files after the heal: 0 split transaction(s), 1 healed" in out
     assert "restore: coherent (no split transaction), invariant holds" in out
     assert "repair: coherent (no split transaction), invariant holds" in out
     assert "OK: every result is coherent" in out

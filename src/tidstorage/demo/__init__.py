@@ -9,11 +9,16 @@
 4. A writer is killed (SIGKILL) between the ``tpc_finish`` calls of a
    multi-storage commit: the live files now hold half of it. The daemon sees
    the BEGIN in doubt, finds the split from the stamps and publishes nothing
-   past it.
-5. The latest backup set is restored into ``restored/`` and cut at the TIDs
-   of the TID log saved with it; the ZEO servers are stopped and the live
-   files are repaired in place. Both results are verified: no split
-   transaction (stamps) and the invariant holds.
+   past it on the split's storages.
+5. ``tidstorage heal`` undoes the split's part online, through ZEO, while
+   the other writers go on: one transaction undone, nothing dropped (a
+   repair would have cut everything after the split); the daemon publishes
+   past the heal.
+6. The latest backup set is restored into ``restored/`` and cut at its
+   point (raised to the stamps' point: every writer stamps); the ZEO servers
+   are stopped and the live files are verified and repaired in place (after
+   the heal there is nothing split to cut). Every result is verified: no
+   split transaction (stamps) and the invariant holds.
 
 Everything it starts is stopped at the end, even on error. The directory
 keeps a ``tidstorage.toml`` that works with every other command.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -72,6 +78,10 @@ class Cluster:
             "status_file_backup_dir": "backups/tidlog",
             "keep_full_backups": 3,
         }
+        token = d / "admin-token"
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
         self.daemon = DaemonProcess(
             d,
             storages=storages,
@@ -81,6 +91,8 @@ class Cluster:
                 "burst_period": 0.2,
                 "full_dump_period": 5,
                 "in_doubt_grace": self.grace,
+                "admin_token_file": "admin-token",
+                "all_writers_stamp": True,
             },
         )
         self.daemon.start()
@@ -192,6 +204,7 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
     """Run the demo; True when everything verified."""
     from ..config import load_config
     from ..tools.backup import run_backup
+    from ..tools.heal import run_heal
     from ..tools.repair import run_repair
     from ..tools.restore import run_restore
 
@@ -226,7 +239,29 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
         victim.wait(timeout=seconds + 30)
         outcome.check(victim.returncode == -signal.SIGKILL, "the victim writer was not killed")
         echo(f"{clock()} writer 9 killed between the tpc_finish calls of its 3rd multi-storage commit")
-        time.sleep(seconds * 0.1)
+        deadline = time.monotonic() + cluster.grace + 30
+        while "SPLIT transaction" not in cluster.daemon.log():
+            if time.monotonic() > deadline:
+                outcome.check(False, "the daemon did not find the split transaction")
+                break
+            time.sleep(0.2)
+        else:
+            line = next(x for x in cluster.daemon.log().splitlines() if "SPLIT transaction" in x)
+            split = line.split("SPLIT transaction ", 1)[1].split(". No", 1)[0]
+            echo(f"{clock()} daemon: the in-doubt BEGIN, checked in the storages, is split: {split};"
+                 " nothing is published at or past it on its storages")
+        would = run_repair(config, dry_run=True).plan
+        healed = run_heal(config, echo=lambda _line: None)
+        undone = [h for h in healed.heals if h.state == "healed"]
+        outcome.check(len(undone) == 1 and healed.ok,
+                      "heal did not undo the split: " + "; ".join(
+                          line for h in healed.heals for line in h.lines()))
+        echo(f"{clock()} tidstorage heal, online, while the writers go on:")
+        outcome.say(f"  healed: {len(undone)} transaction undone, 0 dropped (a repair now would"
+                    f" have dropped {would.dropped} transactions)")
+        for h in undone:
+            outcome.say(f"  {h.split}: undone on {', '.join(sorted(h.heal_tids))} by {h.heal_id};"
+                        f" daemon: {h.daemon}")
         incremental = run_backup(config)
         outcome.check(incremental.ok, "incremental backup failed")
         echo(f"{clock()} incremental backup taken while writing")
@@ -240,18 +275,7 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
                 outcome.check(summary["errors"] == 0, f"writer errors: {summary}")
             except (ValueError, IndexError, KeyError):
                 outcome.check(False, f"no writer summary: {out!r}")
-        echo(f"{clock()} writers done: {done} transactions")
-        deadline = time.monotonic() + cluster.grace + 30
-        while "SPLIT transaction" not in cluster.daemon.log():
-            if time.monotonic() > deadline:
-                outcome.check(False, "the daemon did not find the split transaction")
-                break
-            time.sleep(0.2)
-        else:
-            line = next(x for x in cluster.daemon.log().splitlines() if "SPLIT transaction" in x)
-            split = line.split("SPLIT transaction ", 1)[1].split(". Nothing", 1)[0]
-            echo(f"{clock()} daemon: the in-doubt BEGIN, checked in the storages, is split: {split};"
-                 " nothing is published at or past it")
+        echo(f"{clock()} writers done: {done} transactions, none failed")
 
         restored = directory / "restored"
         result = run_restore(config, output_dir=restored)
@@ -266,9 +290,12 @@ def run_demo(directory: Path, seconds: float = 20.0, echo: Callable[[str], None]
         live = {sid: s.data_fs for sid, s in config.storages.items()}
         from ..tools import verify
         before = verify.check(live)
-        outcome.say(f"  live files after the crash: {len(before.splits)} split transaction(s)")
-        outcome.check(len(before.splits) >= 1, "the killed writer left no split in the live files")
-        echo(f"{clock()} servers stopped; repairing the live files in place at the published TIDs:")
+        outcome.say(f"  live files after the heal: {len(before.splits)} split transaction(s),"
+                    f" {len(before.healed)} healed")
+        outcome.check(not before.splits and len(before.healed) == 1,
+                      "the live files are not healed")
+        echo(f"{clock()} servers stopped; repairing the live files in place (nothing split is"
+             " left to cut):")
         repair = run_repair(config)
         dropped = _describe_cuts(outcome, repair.cuts, "repair ")
         outcome.say(f"  repair: {dropped} transactions dropped; safety copies kept:"
