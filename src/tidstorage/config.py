@@ -32,6 +32,12 @@
     timestamp_file = "backups/timestamps.log"
     status_file_backup_dir = "backups/tidlog"
     keep_full_backups = 3
+    target = "s3://bucket/prefix"    # optional: repositories in an object store
+    s3_endpoint = "https://s3.example.org"   # optional (default AWS)
+    s3_credentials_file = "s3.cred"  # optional, mode 0600 (else AWS_* variables)
+    s3_region = "us-east-1"          # optional
+    s3_allow_http = false            # plain http beyond loopback (refused by default)
+    s3_max_bandwidth = 50000000      # optional: upload throttle, bytes/s
 
 Relative paths are relative to the directory of the config file. Any unknown
 key, wrong type or missing required key raises :class:`ConfigError` naming the
@@ -120,6 +126,19 @@ class BackupConfig:
     timestamp_file: Path | None = None
     status_file_backup_dir: Path | None = None
     keep_full_backups: int = 3
+    # -- off-machine repositories (tools/objectstore.py) --
+    #: "s3://bucket/prefix": the local directories above are a staging copy
+    target: str | None = None
+    #: the S3 endpoint URL (default: AWS's); plain http only on loopback
+    #: unless s3_allow_http
+    s3_endpoint: str | None = None
+    #: access_key_id / secret_access_key (mode 0600); default: the AWS
+    #: environment variables
+    s3_credentials_file: Path | None = None
+    s3_region: str | None = None
+    s3_allow_http: bool = False
+    #: upload throttle, bytes per second (None: unlimited)
+    s3_max_bandwidth: int | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +272,12 @@ _BACKUP_KEYS = {
     "timestamp_file": "path",
     "status_file_backup_dir": "path",
     "keep_full_backups": "count",
+    "target": "str",
+    "s3_endpoint": "str",
+    "s3_credentials_file": "path",
+    "s3_region": "str",
+    "s3_allow_http": "bool",
+    "s3_max_bandwidth": "count",
 }
 _TOP_KEYS = {"server", "storages", "backup"}
 
@@ -329,6 +354,7 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
     if (server.tls_cert is None) != (server.tls_key is None):
         raise r.fail("server.tls_cert", "tls_cert and tls_key go together")
     backup = BackupConfig(**r.section(r.table(data.get("backup", {}), "backup"), "backup", _BACKUP_KEYS))
+    _check_target(r, backup)
     storages: dict[str, StorageConfig] = {}
     for name, table in r.table(data.get("storages", {}), "storages").items():
         values = r.section(r.table(table, f"storages.{name}"), f"storages.{name}", _STORAGE_KEYS)
@@ -347,6 +373,32 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
         raise r.fail("storages", f"{len(storages)} storages, more than the daemon tracks"
                                  f" ({MAX_STORAGES}, protocol.MAX_STORAGES)")
     return Config(path=path, server=server, storages=storages, backup=backup)
+
+
+def _check_target(r: _Reader, backup: BackupConfig) -> None:
+    """[backup] target / s3_*: an s3:// URL with a bucket; an http(s)
+    endpoint, plain http only on loopback unless s3_allow_http."""
+    from urllib.parse import urlsplit
+
+    if backup.target is None:
+        for key in ("s3_endpoint", "s3_credentials_file", "s3_region", "s3_max_bandwidth"):
+            if getattr(backup, key) is not None:
+                raise r.fail(f"backup.{key}", "needs backup.target (s3://bucket/prefix)")
+        return
+    url = urlsplit(backup.target)
+    if url.scheme != "s3" or not url.netloc or url.query or url.fragment:
+        raise r.fail("backup.target", f"must be an s3://bucket/prefix URL, not {backup.target!r}")
+    if backup.s3_endpoint is not None:
+        ep = urlsplit(backup.s3_endpoint)
+        if ep.scheme not in ("http", "https") or not ep.hostname:
+            raise r.fail("backup.s3_endpoint",
+                         f"must be an http(s):// URL, not {backup.s3_endpoint!r}")
+        if (ep.scheme == "http" and not backup.s3_allow_http
+                and not is_loopback(ep.hostname)):
+            raise r.fail("backup.s3_endpoint",
+                         f"plain http to {ep.hostname}, not a loopback address: credentials"
+                         " and backups would cross the network unencrypted (use https, or"
+                         " set backup.s3_allow_http = true)")
 
 
 def resolve_parent(path: Path) -> Path:

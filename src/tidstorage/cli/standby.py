@@ -97,6 +97,9 @@ def sync(config_path, directory, as_json):
 
     config = _load(config_path)
     echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
+    with _errors():  # issue 13: bring the staging copy up to date from the store
+        from ..tools.objectstore import pull_if_target
+        pull_if_target(config, echo=echo)
     with _errors(), _progress(config) as progress:
         result = run_sync(config, directory.resolve(), echo=echo, progress=progress)
     if as_json:

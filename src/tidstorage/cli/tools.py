@@ -204,7 +204,11 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
     if list_points:
         if any([date, tidlog, no_cut, check, output_dir, force, dry_run, at]):
             _fail("--list-points only lists: not with other restore options", EXIT_USAGE)
-        _list_points(_load(config_path), as_json)
+        config = _load(config_path)
+        with _Errors():  # issue 13: bring the staging copy up to date from the store
+            from ..tools.objectstore import pull_if_target
+            pull_if_target(config, echo=lambda t: click.echo(t, err=True))
+        _list_points(config, as_json)
         return
     if at is not None:
         from ..tools.pitr import parse_at
@@ -226,6 +230,9 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
     if as_json and not dry_run:
         _fail("--json goes with --dry-run or --list-points", EXIT_USAGE)
     config = _load(config_path)
+    with _Errors():  # issue 13: bring the staging copy up to date from the store
+        from ..tools.objectstore import pull_if_target
+        pull_if_target(config, echo=lambda t: click.echo(t, err=True))
     with _Errors(), _progress(config) as progress:
         result = run_restore(
             config, at=at, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
@@ -486,7 +493,11 @@ def cleanup(config_path, keep, dry_run):
 
     config = _load(config_path)
     with _Errors():
-        run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
+        from ..tools.objectstore import after_cleanup, pull_if_target  # issue 13
+        pull_if_target(config, echo=click.echo)
+        plan = run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
+        if not dry_run:
+            after_cleanup(config, plan, echo=click.echo)
 
 
 # -- adopt -----------------------------------------------------------------

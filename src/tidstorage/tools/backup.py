@@ -598,6 +598,9 @@ def run_backup(config: Config, *, full: bool = False, gzip: bool = False, quick:
             newest = max([name] + [rz.file_date(f) for r in result.storages.values()
                                    for f in r.files if rz.is_data_file(f)])
             end = max(rz.format_timestamp(clock()), newest)
+            if config.backup.target is not None:  # issue 13: upload, record in the store
+                from .objectstore import push
+                push(config, end)
             append_line(config.backup.timestamp_file, end)
             result.timestamp = end
     result.seconds = time.monotonic() - t0
