@@ -24,6 +24,9 @@ A *round*:
      does not retry while it opens its databases);
    * ``backup``: ``run_backup`` (full with probability 0.3), at least one
      per round;
+   * ``heal`` (after each ``writer_kill``, once its victim is dead and the
+     daemon up): ``tidstorage heal`` online while the writers go on; each
+     healed split must leave the daemon unfrozen past its heal;
 
    round 0 has each kind at least once (``force_all``);
 3. wait for the writers (exit 0, progress made; errors only if a ZEO server
@@ -35,7 +38,8 @@ A *round*:
 4. take the published point (``DUMP``), stop the daemon (SIGTERM: the TID
    log must then hold at least that point) and the ZEO servers;
 5. restore the round's latest backup set into ``restored-<round>/`` and
-   repair the live files in place (after removing the previous round's
+   repair the live files in place (odd rounds: ``repair --heal``, the
+   splits left undone on the files first, then the cut) (after removing the previous round's
    safety copies, as an operator would once satisfied); both are judged:
    ``verify.check(...).ok``, the workload's invariant on ``read_roots``, and
    the tool's own ``coherent`` flag (a failure counts in ``incoherent``).
@@ -94,6 +98,9 @@ class TortureReport:
     incoherent: int = 0          #: restore/repair results failing a check (must be 0)
     lowered: int = 0             #: cuts lowered below the TID log's point (a split published)
     lowered_cuts: list[str] = field(default_factory=list)    #: ...described
+    heals: int = 0               #: splits healed online (tidstorage heal)
+    heals_refused: int = 0       #: heals refused (then cut by the repair)
+    repair_heals: int = 0        #: splits undone by repair --heal
     splits_found: int = 0        #: split transactions in the live files before the repairs
     splits_unseen: int = 0       #: ...of which the current daemon did not report in time
     #: who wrote them: "killed writer", "regular writer" (a ZEO restart in its
@@ -340,6 +347,9 @@ class Torture:
             state.victims.append((self._victim_ids, k, proc))
             state.log(f"victim writer {self._victim_ids} (dies in its multi-storage commit #{k})"
                       + (" while the daemon is down" if daemon_down else ""))
+            return (self.grace + 2.0, "heal")
+        elif kind == "heal":
+            return self._heal(state, overdue)
         elif kind == "daemon_kill":
             if daemon_down:
                 return (0.5, kind)  # after the restart
@@ -383,6 +393,43 @@ class Torture:
                 self.problem(f"round {state.round}: backup failed: {errors}")
         else:  # pragma: no cover
             raise ValueError(kind)
+        return None
+
+    def _heal(self, state: "_RoundState", overdue: bool) -> tuple[float, str] | None:
+        """Heal online the splits the daemon lists (after a victim died)."""
+        from tidstorage.errors import TidstorageError
+        from tidstorage.tools.heal import run_heal
+
+        alive = any(p.poll() is None for _, _, p in state.victims)
+        if (alive or self.cluster.daemon.proc is None) and not overdue:
+            return (0.5, "heal")  # the victim has not died yet, or the daemon is down
+        try:
+            with self.cluster.daemon.client() as c:
+                splits = c.admin({"verb": "status"}).get("splits", {})
+        except Exception:
+            splits = {}
+        if not splits:
+            if not overdue and state.heal_tries < 20:
+                state.heal_tries += 1
+                return (0.5, "heal")  # not proven yet
+            state.log("heal: no split to heal")
+            return None
+        try:
+            result = run_heal(self.config, wait=10, echo=lambda _line: None)
+        except TidstorageError as exc:
+            state.log(f"heal: {exc}")
+            return None
+        for h in result.heals:
+            if h.state == "healed":
+                # The daemon may still hold the storage below another split
+                # (one that cannot be undone: a writer that lived on changed
+                # the same objects); the round's end judges the files.
+                self.report.heals += 1
+                state.log(f"healed {h.split} on {', '.join(sorted(h.heal_tids))}"
+                          f" (daemon: {h.daemon})")
+            else:
+                self.report.heals_refused += 1
+                state.log(f"heal of {h.split} {h.state}: {h.reason}")
         return None
 
     # -- end of the round ----------------------------------------------------
@@ -538,6 +585,14 @@ class Torture:
                 else:
                     p.unlink()
         try:
+            if r % 2:  # repair --heal: undo what can be undone, cut the rest
+                from tidstorage.tools.repair import heal_before_repair
+
+                heals = heal_before_repair(config, None, window=3600.0)
+                undone = [h.split for h in heals if h.state == "healed"]
+                self.report.repair_heals += len(undone)
+                state.log(f"repair --heal: {len(undone)} undone, {len(heals) - len(undone)}"
+                          " cut")
             repair = run_repair(config)
         except Exception as exc:
             self.report.incoherent += 1
@@ -596,6 +651,7 @@ class _RoundState:
     zeo_restarts: int = 0
     writer_kills: int = 0
     backups: int = 0
+    heal_tries: int = 0
     done: int = 0
     errors: int = 0
     splits: int = 0
