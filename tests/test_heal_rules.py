@@ -109,3 +109,52 @@ def test_an_accepted_split_is_recorded_and_survives_a_restart(site):
     b1 = next(sp for sp in plan["storages"] if sp["id"] == "b1") if isinstance(
         plan["storages"], list) else plan["storages"]["b1"]
     assert b1["rule"] != "lowered" and b1["cut_tid"] >= split, b1
+
+
+@pytest.fixture
+def backed_site(tmp_path, two_zeo_servers):
+    a, b = two_zeo_servers
+    zeo = {"a1": (a, "1"), "a2": (a, "2"), "b1": (b, "1")}
+    d = DaemonProcess(tmp_path / "d", storages={
+        n: {"zeo": f"127.0.0.1:{srv.address[1]}", "zeo_storage": st,
+            "data_fs": str(srv.data_fs(st)), "backup_dir": str(tmp_path / "backups" / n)}
+        for n, (srv, st) in zeo.items()},
+        backup={"timestamp_file": str(tmp_path / "backups" / "timestamps"),
+                "status_file_backup_dir": str(tmp_path / "backups" / "tidlog")}).start()
+    d.wait_bootstrapped()
+    d.spec = {n: (srv.address, st) for n, (srv, st) in zeo.items()}
+    d.tmp = tmp_path
+    yield d
+    d.kill()
+
+
+def test_backups_between_a_split_and_its_heal_and_after_both_restore_coherent(backed_site):
+    from tidstorage.formats.filestorage import last_tid
+
+    site = backed_site
+    before = commit(site, "a1")
+    split = commit(site, "a1", stamp_value("ts:dead-3", ["a1", "a2"]))
+    until(site, lambda s: "ts:dead-3" in s["splits"])
+    first = run_cli(site, "backup", "--json")
+    heal = commit(site, "a1", stamp_value("ts:heal-3", ["a1"], heals="ts:dead-3"), undo=split)
+    until(site, lambda s: s["published"].get("a1", -1) >= heal)
+    second = run_cli(site, "backup", "--json")
+    for backup, expected in ((first, before), (second, heal)):
+        out = site.tmp / f"restored-{backup['timestamp']}"
+        r = subprocess.run([sys.executable, "-m", "tidstorage", "restore", "-c",
+                            str(site.config_path), "--date", backup["timestamp"],
+                            "--output-dir", str(out)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verify: coherent" in r.stdout
+        # the first cut below the split, the second past the heal
+        assert last_tid(out / "a1.fs") == expected, (backup["timestamp"], r.stdout)
+
+
+def run_cli(site, *args):
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "tidstorage", *args, "-c", str(site.config_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
