@@ -12,7 +12,8 @@ from .common import CONFIG as _CONFIG
 from .common import EXIT_USAGE, human_size
 from .common import errors as _errors
 from .common import fail as _fail
-from .common import load as _load
+from .common import load as _load  # noqa: F401
+from .tools import STORAGES, load_for
 from .common import progress as _common_progress
 
 _DIR = click.option("--dir", "directory", required=True,
@@ -76,7 +77,8 @@ def standby() -> None:
 @_CONFIG
 @_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def sync(config_path, directory, as_json):
+@STORAGES
+def sync(config_path, directory, as_json, storage_ids):
     """Apply the repozo increments not yet applied to the standby.
 
     Per storage, checks cheaply that the standby is what its state says
@@ -92,10 +94,11 @@ def sync(config_path, directory, as_json):
     Examples:
       tidstorage standby sync -c site.toml --dir /srv/standby
       tidstorage standby sync -c site.toml --dir /srv/standby --json   # from cron
+      tidstorage standby sync -c site.toml --dir /srv/standby --storages main
     """
     from ..tools.standby import run_sync
 
-    config = _load(config_path)
+    config = load_for(config_path, storage_ids)
     echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
     with _errors():  # issue 13: bring the staging copy up to date from the store
         from ..tools.objectstore import pull_if_target
@@ -133,7 +136,8 @@ def sync(config_path, directory, as_json):
 @click.option("--force-cut", is_flag=True, help="Cut even if the stamp check lowers a cut "
               "by more than an hour of commits (see restore).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def promote(config_path, directory, at, output_dir, window, force_cut, as_json):
+@STORAGES
+def promote(config_path, directory, at, output_dir, window, force_cut, as_json, storage_ids):
     """Cut the standby at a coherent point: a set ready to start.
 
     In place (O(tail): the standby is consumed, and sync refuses it
@@ -146,6 +150,8 @@ def promote(config_path, directory, at, output_dir, window, force_cut, as_json):
       tidstorage standby promote -c site.toml --dir /srv/standby
       tidstorage standby promote -c site.toml --dir /srv/standby --at 2026-11-30T12:00 \\
           --output-dir /srv/pitr
+      tidstorage standby promote -c site.toml --dir /srv/standby --storages main \\
+          --at 2026-11-30T12:00      # several hosts: the same --at on each
     """
     from ..tools.cut import CACHE_NOTE
     from ..tools.pitr import parse_at
@@ -156,7 +162,10 @@ def promote(config_path, directory, at, output_dir, window, force_cut, as_json):
             parse_at(at)
         except ValueError as exc:
             _fail(str(exc), EXIT_USAGE)
-    config = _load(config_path)
+    if storage_ids is not None and at is None:
+        _fail("--storages: give the same --at TIME on every host (the newest point each "
+              "standby holds differs from host to host)", EXIT_USAGE)
+    config = load_for(config_path, storage_ids)
     echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
     with _errors():
         result = run_promote(config, directory.resolve(), at=at,

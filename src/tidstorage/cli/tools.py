@@ -30,6 +30,27 @@ _FORCE_CUT = click.option("--force-cut", is_flag=True,
                                "swapped repository or TID log).")
 
 
+#: ``--storages a,b``: act on these storages only (the storages of this host
+#: when the ZEO servers run on several machines; see README "Storages on
+#: several hosts")
+STORAGES = click.option("--storages", "storage_ids", metavar="ID,ID",
+                        help="Act on these storages only (a comma list of storage ids: "
+                             "the storages of this host, when they run on several hosts); "
+                             "the rest of the config is shared.")
+
+
+def load_for(config_path, storage_ids):
+    """The config, restricted to ``--storages`` (exit 2 naming unknown ids)."""
+    from ..config import ConfigError
+    from ..tools.common import parse_storage_list, restrict_storages
+
+    config = _load(config_path)
+    try:
+        return restrict_storages(config, parse_storage_list(storage_ids))
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", EXIT_USAGE)
+
+
 # -- backup ----------------------------------------------------------------
 
 
@@ -106,7 +127,8 @@ def _progress(config):
               help="Fail (back up nothing) if the daemon's published point lags more than S"
                    " seconds, is not bootstrapped, or cannot be reached.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
+@STORAGES
+def backup(config_path, full, gzip, quick, jobs, max_lag, as_json, storage_ids):
     """Back up every storage: TID log copy, repozo, blob snapshots.
 
     The backup asks the daemon for its point first: the TID log copy ends
@@ -119,11 +141,12 @@ def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
     Examples:
       tidstorage backup -c /etc/tidstorage.toml --max-lag 60
       tidstorage backup -c site.toml --full --gzip --json
+      tidstorage backup -c site.toml --storages main,catalog   # this host's storages
     """
     from ..tools.backup import run_backup
     from .common import human_size
 
-    config = _load(config_path)
+    config = load_for(config_path, storage_ids)
     with _Errors(), _progress(config) as progress:
         result = run_backup(config, full=full, gzip=gzip, quick=quick, jobs=jobs,
                             progress=progress, max_lag=max_lag)
@@ -183,10 +206,16 @@ def backup(config_path, full, gzip, quick, jobs, max_lag, as_json):
               "or 'latest'; from the first backup that holds it.")
 @click.option("--list-points", is_flag=True, help="List the backups and the points they "
               "can restore to (with the gaps); change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run or --list-points: "
-              "JSON.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run, --plan or "
+              "--list-points: JSON.")
+@click.option("--plan", "plan", metavar="[FILE]", is_flag=False, flag_value="",
+              help="Storages on several hosts: --plan alone (with --json, and --at) "
+                   "computes the plan every host applies (where every storage's repository "
+                   "is visible; changes nothing); --plan FILE applies the plan in FILE to "
+                   "the storages of this host (--storages).")
+@STORAGES
 def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, window,
-            force_cut, dry_run, at, list_points, as_json):
+            force_cut, dry_run, at, list_points, as_json, plan, storage_ids):
     """Restore every storage from its backups, cut coherently.
 
     \b
@@ -196,6 +225,8 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
       tidstorage restore -c site.toml --date 2026-11-30 --check
       tidstorage restore -c site.toml --list-points      # what --at can restore to
       tidstorage restore -c site.toml --at 2026-11-30T14:05:00Z --output-dir /srv/pitr
+      tidstorage restore -c site.toml --plan --json > plan.json   # several hosts
+      tidstorage restore -c site.toml --plan plan.json --storages main --force
     """
     from ..formats.repozo import parse_date
     from ..tools.cut import CACHE_NOTE
@@ -209,6 +240,10 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
             from ..tools.objectstore import pull_if_target
             pull_if_target(config, echo=lambda t: click.echo(t, err=True))
         _list_points(config, as_json)
+        return
+    if plan is not None:
+        _restore_plan(config_path, storage_ids, plan, at, date, tidlog, no_cut, check,
+                      dry_run, output_dir, force, jobs, window, force_cut, as_json)
         return
     if at is not None:
         from ..tools.pitr import parse_at
@@ -228,8 +263,8 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
     if check and output_dir is not None:
         _fail("--check and --output-dir cannot be used together", EXIT_USAGE)
     if as_json and not dry_run:
-        _fail("--json goes with --dry-run or --list-points", EXIT_USAGE)
-    config = _load(config_path)
+        _fail("--json goes with --dry-run, --plan or --list-points", EXIT_USAGE)
+    config = load_for(config_path, storage_ids)
     with _Errors():  # issue 13: bring the staging copy up to date from the store
         from ..tools.objectstore import pull_if_target
         pull_if_target(config, echo=lambda t: click.echo(t, err=True))
@@ -253,6 +288,51 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         click.echo(CACHE_NOTE)
     else:
         click.echo("note: if these files replace live storages: " + CACHE_NOTE)
+
+
+def _restore_plan(config_path, storage_ids, plan, at, date, tidlog, no_cut, check, dry_run,
+                  output_dir, force, jobs, window, force_cut, as_json):
+    """restore --plan (compute) and --plan FILE (apply): storages on
+    several hosts."""
+    from ..tools.cut import CACHE_NOTE
+    from ..tools.restore import apply_plan, plan_hosts
+
+    if any([date, tidlog, no_cut, check, dry_run]):
+        _fail("--plan chooses the backups and the point: not with --date, -t/--tidlog, "
+              "--no-cut, --check nor --dry-run", EXIT_USAGE)
+    if at is not None:
+        from ..tools.pitr import parse_at
+        try:
+            parse_at(at)
+        except ValueError as exc:
+            _fail(str(exc), EXIT_USAGE)
+    config = load_for(config_path, storage_ids)
+    echo = _plan_echo(as_json)
+    with _Errors():  # issue 13: bring the staging copy up to date from the store
+        from ..tools.objectstore import pull_if_target
+        pull_if_target(config, echo=lambda t: click.echo(t, err=True))
+    if plan == "":  # compute
+        if output_dir is not None or force:
+            _fail("--plan (to compute a plan) changes nothing: not with --output-dir nor "
+                  "--force", EXIT_USAGE)
+        with _Errors():
+            result = plan_hosts(config, at=at, window=window, jobs=jobs,
+                                force_cut=force_cut, echo=echo)
+        _print_plan(result.plan, as_json)
+        return
+    if at is not None or as_json:
+        _fail("--plan FILE applies a plan: --at and --json go with --plan alone (computing "
+              "it)", EXIT_USAGE)
+    try:
+        data = json.loads(Path(plan).read_text(encoding="utf-8"))
+    except OSError as exc:
+        _fail(f"cannot read the plan {plan}: {exc.strerror or exc}", EXIT_USAGE)
+    except ValueError as exc:
+        _fail(f"the plan {plan} is not JSON: {exc}", EXIT_USAGE)
+    with _Errors(), _progress(config) as progress:
+        apply_plan(config, data, output_dir=output_dir.resolve() if output_dir else None,
+                   force=force, jobs=jobs, echo=click.echo, progress=progress)
+    click.echo(CACHE_NOTE)
 
 
 def _list_points(config, as_json):
@@ -303,7 +383,8 @@ def _print_plan(plan, as_json):
               help="First undo, on the files, the split transactions their ends hold (as "
                    "tidstorage heal does online); cut only the splits that cannot be undone. "
                    "Needs [server] all_writers_stamp = true.")
-def repair(config_path, tidlog, window, force_cut, dry_run, as_json, heal):
+@STORAGES
+def repair(config_path, tidlog, window, force_cut, dry_run, as_json, heal, storage_ids):
     """Cut every live Data.fs at its published TID (after a crash).
 
     A checked safety copy (Data.fs.before-repair) is made before any cut and
@@ -316,6 +397,7 @@ def repair(config_path, tidlog, window, force_cut, dry_run, as_json, heal):
       tidstorage repair -c site.toml --dry-run           # the plan; nothing changed
       tidstorage repair -c site.toml
       tidstorage repair -c site.toml --heal              # undo the splits, cut the rest
+      tidstorage repair -c site.toml --storages main     # this host's storages only
     """
     from ..tools.cut import CACHE_NOTE
     from ..tools.repair import heal_before_repair, run_repair
@@ -325,7 +407,12 @@ def repair(config_path, tidlog, window, force_cut, dry_run, as_json, heal):
     if heal and dry_run:
         _fail("--heal and --dry-run cannot be used together (see tidstorage heal --dry-run)",
               EXIT_USAGE)
-    config = _load(config_path)
+    config = load_for(config_path, storage_ids)
+    if storage_ids is not None:
+        if heal:
+            _fail("--heal needs every storage of a split: not with --storages", EXIT_USAGE)
+        with _Errors():
+            config, tidlog = _hosts_repair(config, tidlog)
     with _Errors():
         heals = []
         if heal:
@@ -350,6 +437,36 @@ def repair(config_path, tidlog, window, force_cut, dry_run, as_json, heal):
                    + f"; {len(kept)} cut instead" + (f" ({', '.join(kept)})" if kept else ""))
     if not result.coherent:
         _fail("the repaired files still hold split transactions (see above)")
+
+
+def _hosts_repair(config, tidlog):
+    """repair --storages: the stamps' raise needs every storage's file, so
+    the cut is the TID log's point (all_writers_stamp off); on a host
+    without the daemon's TID log, it is asked from the daemon and kept
+    beside the first storage's Data.fs (a resumed repair reads it again)."""
+    import dataclasses
+    import time
+
+    from ..formats.durable import atomic_write
+    from ..formats.repozo import format_timestamp
+    from ..tools.backup import fetch_tidlog
+
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, all_writers_stamp=False))
+    live = config.server.status_file
+    if tidlog is None and (live is None or not live.exists()):
+        from ..errors import ClientError, ToolError
+        try:
+            data = fetch_tidlog(config)
+        except (ClientError, OSError) as exc:
+            raise ToolError(f"no TID log on this host ({live}) and the daemon did not send "
+                            f"it: {exc}; give -t") from None
+        first = config.storages[sorted(config.storages)[0]].data_fs
+        name = (live.name if live is not None else "tidlog") + "-from-daemon-"
+        tidlog = first.parent / (name + format_timestamp(time.time()))
+        atomic_write(tidlog, data)
+        click.echo(f"TID log asked from the daemon, kept as {tidlog}")
+    return config, tidlog
 
 
 # -- verify ----------------------------------------------------------------

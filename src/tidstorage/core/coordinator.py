@@ -345,6 +345,7 @@ class Coordinator:
         shell_status: Callable[[], dict] | None = None,
         record_accept: Callable[[str], None] | None = None,
         accepted: Iterable[str] = (),
+        read_tidlog: Callable[[int], dict] | None = None,
     ) -> None:
         #: storage id -> "zeo", "file" or None (unreadable)
         self.kinds = {s: k for s, k in kinds.items()}
@@ -401,6 +402,9 @@ class Coordinator:
         self.shell_status = shell_status
         #: record_accept(split id) writes an acceptance to the TID log (raises)
         self.record_accept = record_accept
+        #: read_tidlog(offset) -> a page of the TID log's bytes (the shell's;
+        #: the ``tidlog`` verb: a backup on a host without the log file)
+        self.read_tidlog = read_tidlog
         self._retry: dict[tuple, Backoff] = {}  # failed reads and no-ops, until one works
         self._random = rng or random.Random()
         self._armed: set[tuple] = set()  # timers set and not fired yet
@@ -1104,6 +1108,18 @@ class Coordinator:
             if self.shell_status is not None:
                 answer.update(self.shell_status())
             return answer
+        if verb == "tidlog":
+            # A page of the TID log file (any authenticated connection, as
+            # status): a backup on another host copies it page by page.
+            offset = request.get("offset", 0)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                return {"ok": False, "error": "offset: a byte offset (>= 0) is needed"}
+            if self.read_tidlog is None:
+                return {"ok": False, "error": "this daemon writes no TID log (no status_file)"}
+            try:
+                return {"ok": True, **self.read_tidlog(offset)}
+            except OSError as exc:
+                return {"ok": False, "error": f"cannot read the TID log: {exc}"}
         if verb in ("set-tid", "forget", "accept", "healed"):
             token = request.get("token")
             if self.admin_token is None:

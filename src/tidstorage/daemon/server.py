@@ -67,6 +67,9 @@ AUTH_FAILURE_DELAY = 1.0
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: Accept queue of the listening socket.
 BACKLOG = 1024
+#: Bytes of the TID log per ADMIN ``tidlog`` answer: base64 makes them 4/3
+#: as many, under ``protocol.MAX_ADMIN_REPLY_BYTES`` (4 MiB) with the JSON
+TIDLOG_PAGE = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ class Daemon:
             legacy_clients=server.legacy_clients, tid_ceiling=tid_ceiling,
             admin_token=config.admin_token(), rewrite_log=self._rewrite_log,
             shell_status=self._shell_status, record_accept=self._record_accept,
-            accepted=accepted)
+            accepted=accepted,
+            read_tidlog=self._read_tidlog if self.status_file is not None else None)
         if not kinds:
             log.warning("no [storages] in the configuration: any storage id is accepted and"
                         " the daemon cannot read any storage (legacy mode)")
@@ -339,6 +343,21 @@ class Daemon:
                         " daemon will not know it", split)
             return
         self.writer.accept(split)
+
+    def _read_tidlog(self, offset: int) -> dict:
+        """A page of the TID log (ADMIN ``tidlog``): at most
+        :data:`TIDLOG_PAGE` bytes from ``offset``, base64 (so that the
+        JSON answer stays under ``protocol.MAX_ADMIN_REPLY_BYTES``), with
+        the file's size and identity (a backup starts again if the file
+        was replaced between pages: SIGHUP, an operator's correction)."""
+        import base64
+
+        with open(self.status_file, "rb") as f:
+            st = os.fstat(f.fileno())
+            f.seek(offset)
+            data = f.read(TIDLOG_PAGE)
+        return {"offset": offset, "size": st.st_size, "file": f"{st.st_dev}:{st.st_ino}",
+                "data": base64.b64encode(data).decode("ascii")}
 
     def full_status(self) -> dict:
         """The status command's answer (on the event loop)."""

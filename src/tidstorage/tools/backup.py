@@ -80,6 +80,7 @@ __all__ = [
     "check_backup_config",
     "check_freshness",
     "daemon_point",
+    "fetch_tidlog",
     "clear_debris",
     "repository_debris",
     "run_backup",
@@ -134,17 +135,9 @@ class DaemonPoint:
 
 def daemon_point(config: Config, timeout: float = DAEMON_TIMEOUT) -> DaemonPoint:
     """The daemon's published point and lags (ClientError if unreachable)."""
-    from ..daemon.client import Client
     from ..errors import ClientError
 
-    ssl_context = None
-    if config.server.tls_cert is not None:
-        import ssl
-
-        ssl_context = ssl.create_default_context(cafile=str(config.server.tls_cert))
-    address = (config.server.address, config.server.port)
-    with Client(address, auth_token=config.auth_token(), timeout=timeout,
-                ssl_context=ssl_context) as client:
+    with _client(config, timeout) as client:
         answer = client.admin({"verb": "status"})
     if not answer.get("ok"):
         raise ClientError(f"the daemon refused the status request: {answer.get('error')}")
@@ -153,6 +146,48 @@ def daemon_point(config: Config, timeout: float = DAEMON_TIMEOUT) -> DaemonPoint
         published={s: int(t) for s, t in answer.get("published", {}).items()},
         lags={s: info.get("lag") for s, info in storages.items()},
         bootstrapped=bool(answer.get("bootstrapped")))
+
+
+def _client(config: Config, timeout: float):
+    from ..daemon.client import Client
+
+    ssl_context = None
+    if config.server.tls_cert is not None:
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=str(config.server.tls_cert))
+    return Client((config.server.address, config.server.port), auth_token=config.auth_token(),
+                  timeout=timeout, ssl_context=ssl_context)
+
+
+def fetch_tidlog(config: Config, timeout: float = DAEMON_TIMEOUT, tries: int = 3) -> bytes:
+    """The daemon's TID log, asked over its authenticated protocol (ADMIN
+    ``tidlog``, page by page): what a backup on a host that is not the
+    daemon's copies.  Started again (up to ``tries`` times) if the file was
+    replaced between pages (SIGHUP, an operator's correction).  ClientError
+    if the daemon cannot be reached or refuses."""
+    import base64
+
+    from ..errors import ClientError
+
+    for _ in range(tries):
+        chunks, offset, ident = [], 0, None
+        with _client(config, timeout) as client:
+            while True:
+                answer = client.admin({"verb": "tidlog", "offset": offset})
+                if not answer.get("ok"):
+                    raise ClientError("the daemon refused the tidlog request: "
+                                      f"{answer.get('error')}")
+                if ident is None:
+                    ident = answer.get("file")
+                elif answer.get("file") != ident:
+                    break  # replaced: start again
+                data = base64.b64decode(answer.get("data", ""))
+                chunks.append(data)
+                offset += len(data)
+                if not data or offset >= int(answer.get("size", 0)):
+                    return b"".join(chunks)
+    raise ClientError(f"the daemon's TID log was replaced {tries} times while it was read")
 
 
 def check_freshness(config: Config, max_lag: float | None, warnings: list[str],
@@ -205,6 +240,9 @@ class BackupResult:
     tidlog_copy: str | None = None
     #: "daemon" (the daemon's point at backup time) or "tidlog" (its last record)
     point_source: str | None = None
+    #: where the TID log came from: "file" (server.status_file on this host)
+    #: or "daemon" (asked over the protocol: a host that is not the daemon's)
+    tidlog_source: str | None = None
     #: the restore point the TID log copy ends with
     point: dict[str, int] = field(default_factory=dict)
     storages: dict[str, StorageBackup] = field(default_factory=dict)
@@ -220,6 +258,7 @@ class BackupResult:
             "ok": self.ok, "started": self.started, "timestamp": self.timestamp,
             "tidlog_copy": self.tidlog_copy, "seconds": round(self.seconds, 3),
             "point_source": self.point_source, "point": self.point,
+            "tidlog_source": self.tidlog_source,
             "warnings": self.warnings,
             "storages": {s: r.to_json() for s, r in sorted(self.storages.items())},
         }
@@ -302,9 +341,19 @@ def _copy_tidlog(config: Config, name: str, result: BackupResult, set_id: str,
     dest_dir = config.backup.status_file_backup_dir
     try:
         data = log.read_bytes()
+        result.tidlog_source = "file"
     except FileNotFoundError:
-        raise ToolError(f"TID log {log} (server.status_file) does not exist: "
-                        "has the daemon run?") from None
+        if point is None:
+            raise ToolError(f"TID log {log} (server.status_file) does not exist: "
+                            "has the daemon run?") from None
+        # issue 13: a host that is not the daemon's gets the log from it
+        from ..errors import ClientError
+        try:
+            data = fetch_tidlog(config)
+        except (ClientError, OSError) as exc:
+            raise ToolError(f"TID log {log} (server.status_file) is not on this host and the"
+                            f" daemon did not send it: {exc}; no backup made") from None
+        result.tidlog_source = "daemon"
     except OSError as exc:
         raise ToolError(f"cannot read TID log {log}: {exc.strerror}") from None
     dest = dest_dir / f"{log.name}-{name}"

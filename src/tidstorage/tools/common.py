@@ -43,6 +43,8 @@ __all__ = [
     "read_timestamps",
     "require",
     "require_storages",
+    "restrict_storages",
+    "parse_storage_list",
     "safety_copy",
     "same_bytes",
     "set_tidlog_copies",
@@ -88,6 +90,35 @@ def require_storages(config: Config) -> None:
     """ConfigError unless ``config`` has at least one storage."""
     if not config.storages:
         raise ConfigError(f"{config.path}: storages: no storage configured")
+
+
+def parse_storage_list(text: str | None) -> list[str] | None:
+    """``--storages a,b`` as a list of ids (None: not given).  Blanks around
+    ids are ignored; an empty list is a ConfigError."""
+    if text is None:
+        return None
+    ids = [s.strip() for s in text.split(",") if s.strip()]
+    if not ids:
+        raise ConfigError("--storages: no storage id given")
+    return ids
+
+
+def restrict_storages(config: Config, ids: list[str] | None) -> Config:
+    """``config`` restricted to the storages ``ids`` (``--storages``: the
+    storages of this host when the ZEO servers run on several machines);
+    everything else (the daemon, the backup set, the other keys) is shared.
+    ``ids`` None: ``config`` itself.  ConfigError (exit 2) naming the ids
+    that are not configured."""
+    import dataclasses
+
+    if ids is None:
+        return config
+    unknown = [s for s in ids if s not in config.storages]
+    if unknown:
+        known = ", ".join(sorted(config.storages)) or "none"
+        raise ConfigError(f"--storages: storage(s) {', '.join(unknown)} not configured in "
+                          f"{config.path} (configured: {known})")
+    return dataclasses.replace(config, storages={s: config.storages[s] for s in ids})
 
 
 # -- locks --------------------------------------------------------------------

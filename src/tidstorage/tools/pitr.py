@@ -90,12 +90,16 @@ from .common import (
 
 __all__ = [
     "BackupInfo",
+    "HostsTarget",
     "Inventory",
     "Point",
     "Target",
     "chain_last_tid",
+    "choose_hosts_target",
     "choose_target",
     "inventory",
+    "read_points",
+    "repository_backups",
     "parse_at",
     "tid_bound",
 ]
@@ -486,9 +490,17 @@ def _first_holders(points: list[Point], backups: list[BackupInfo]) -> None:
 
 def inventory(config: Config) -> Inventory:
     """The backups and the points (see the module docstring)."""
-    ids = sorted(config.storages)
     inv = Inventory(_backup_infos(config), [], {},
                     all_writers_stamp=config.server.all_writers_stamp)
+    read_points(config, inv)
+    _first_holders(inv.points, inv.backups)
+    return inv
+
+
+def read_points(config: Config, inv: Inventory) -> None:
+    """The coherent points of the TID log copies (and of the live TID log
+    when it is on this host), into ``inv``: every storage of ``config``."""
+    ids = sorted(config.storages)
     sources = list(set_tidlog_copies(config))
     live = config.server.status_file
     if live is not None and live.exists():
@@ -519,8 +531,116 @@ def inventory(config: Config) -> Inventory:
             inv.by_id.setdefault(pid, p)
     inv.incomplete = len(incomplete)
     inv.points = sorted(seen.values(), key=lambda p: (p.time, p.source == LIVE, p.id))
-    _first_holders(inv.points, inv.backups)
-    return inv
+
+
+# -- several hosts (restore --plan) ---------------------------------------------
+
+
+def repository_backups(config: Config) -> dict[str, list[tuple[str, int | None]]]:
+    """Per storage, ``(date, last TID)`` of every backup its repository
+    holds (each data file whose chain verifies against its ``.dat``),
+    oldest first: what a plan for several hosts chooses from, read from the
+    repositories themselves (each host records its own backups in its own
+    ``timestamp_file``, which the planner need not see)."""
+    out: dict[str, list[tuple[str, int | None]]] = {}
+    for sid, st in sorted(config.storages.items()):
+        cands = []
+        for name in rz.data_files(st.backup_dir):
+            date = rz.file_date(name)
+            try:
+                files = rz.verified_chain(st.backup_dir, date)
+                if not files or rz.file_date(files[-1]) != date:
+                    continue
+                cands.append((date, chain_last_tid(st.backup_dir, files)[1]))
+            except (OSError, rz.RepositoryError, rz.DatError):
+                continue  # not a restorable backup
+        out[sid] = cands
+    return out
+
+
+@dataclass
+class HostsTarget:
+    """What ``restore --plan`` chose: one point, and per storage the first
+    backup (a repozo date) whose files hold it."""
+
+    point: Point
+    backups: dict[str, str]
+    at: str | None
+    bound: int | None = None
+
+    def context(self) -> dict:
+        out = {"at": self.at or "latest", "point": self.point.label(),
+               "point_id": self.point.id, "point_tidlog": str(self.point.path),
+               "point_tids": dict(sorted(self.point.tids.items())),
+               "backups": dict(sorted(self.backups.items()))}
+        if self.bound is not None:
+            out["stamps_bound"] = f"{self.bound:#018x} ({tid_time(self.bound)} UTC)"
+        return out
+
+
+def choose_hosts_target(config: Config, at: str | None, echo: Echo = quiet) -> HostsTarget:
+    """The point of a plan for storages on several hosts: every storage's
+    repository must be visible here (a shared directory, the object store's
+    staging copy, copies of the repositories).  The newest point of the TID
+    log copies (at or before ``at``) that every storage has a backup holding
+    (its chain's last TID >= the point's TID); per storage, the first such
+    backup.  Raises ToolError (nothing changed), ValueError for a bad ``at``."""
+    kind, value = parse_at(at or "latest")
+    inv = Inventory([], [], {}, all_writers_stamp=config.server.all_writers_stamp)
+    read_points(config, inv)
+    for w in inv.warnings:
+        echo(f"warning: {w}")
+    cands = repository_backups(config)
+    empty = [s for s, c in cands.items() if not c]
+    if empty:
+        raise ToolError(f"no restorable backup in the repository of storage(s) "
+                        f"{', '.join(empty)}: a plan needs every storage's repository "
+                        "visible here (see README, Storages on several hosts); nothing "
+                        "was changed")
+
+    def holders(p: Point) -> dict[str, str] | None:
+        out = {}
+        for s, tid in p.tids.items():
+            d = next((d for d, last in cands[s] if last is not None and last >= tid), None)
+            if d is None:
+                return None
+            out[s] = d
+        return out
+
+    seconds = None
+    if kind == "latest":
+        chosen = next(((p, h) for p in reversed(inv.points) if (h := holders(p))), None)
+        if chosen is None:
+            raise ToolError("no point of the TID log copies is held by a backup of every "
+                            "storage; nothing was changed")
+        p, backups = chosen
+    else:
+        if kind == "id":
+            p = inv.by_id.get(value)
+            if p is None:
+                raise ToolError(f"no point {value}; nothing was changed")
+            seconds = p.data_time
+        else:
+            seconds = value
+            before = [q for q in inv.points if q.newest <= tid_bound(seconds)]
+            if not before:
+                raise ToolError(f"no coherent point at or before {_utc(seconds)} UTC; "
+                                "nothing was changed")
+            p = before[-1]
+        backups = holders(p)
+        if backups is None:
+            short = ", ".join(s for s, tid in sorted(p.tids.items())
+                              if not any(last is not None and last >= tid
+                                         for _, last in cands[s]))
+            raise ToolError(f"point {p.label()} cannot be restored: no backup of storage(s) "
+                            f"{short} holds it; nothing was changed")
+    bound = None
+    if config.server.all_writers_stamp and seconds is not None:
+        bound = p.newest if kind == "id" else tid_bound(seconds)
+    echo(f"point {p.label()}, published {_utc(p.time)} UTC, from {p.path}")
+    for s, d in sorted(backups.items()):
+        echo(f"storage {s}: backup {d}")
+    return HostsTarget(p, backups, at, bound)
 
 
 # -- choosing -------------------------------------------------------------------

@@ -92,7 +92,10 @@ __all__ = [
     "StorageRestore",
     "migrate_output_names",
     "output_paths",
+    "PLAN_FORMAT",
+    "apply_plan",
     "run_restore",
+    "plan_hosts",
 ]
 
 #: Suffix under which restore keeps a file (or blob directory) it replaces.
@@ -115,6 +118,8 @@ class StorageRestore:
     blob_files: int = 0
     pruned_blobs: int = 0
     check: dict = field(default_factory=dict)
+    #: restore --plan: this storage's own backup date (None: the restore's)
+    date: str | None = None
 
     @property
     def tmp(self) -> Path:
@@ -323,6 +328,7 @@ def _expected_size(r: StorageRestore) -> int | None:
 
 
 def _recover(r: StorageRestore, date: str, progress: Progress | None = None) -> None:
+    date = r.date or date
     r.target.parent.mkdir(parents=True, exist_ok=True)
     _cleanup(r)  # leftovers of an interrupted restore: ours, never the user's
     argv = rz.repozo_argv() + ["-R", "-w", "-r", str(r.repository), "-D", date, "-o", str(r.tmp)]
@@ -551,17 +557,9 @@ def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, forc
         result = RestoreResult(date=date, tidlog=log_path, storages=real)
         echo(f"dry run: recovering {len(plans)} storage(s) as of {date} into temporary "
              "directories to plan the cut (deleted afterwards)")
-        _recover_all(plans, date, jobs)
         aws = config.server.all_writers_stamp
-        try:
-            if before_cut is not None:
-                before_cut({s: r.tmp for s, r in plans.items()})
-            cuts, report = decide_cuts({s: r.tmp for s, r in plans.items()}, tids,
-                                       window=window, echo=echo, force_cut=force_cut,
-                                       all_writers_stamp=aws,
-                                       accepted=tidlog_accepted(log_path))
-        except ScanError as exc:
-            raise ToolError(f"restore failed: {exc}; nothing was changed") from None
+        cuts, report = _decide_on_copies(plans, date, tids, log_path, jobs, window, force_cut,
+                                         aws, echo, before_cut, "restore")
         for s, d in cuts.items():
             real[s].cut = d
         result.plan = _restore_plan(cuts, report, real, result, aws)
@@ -574,6 +572,21 @@ def _dry_run(config, date, tids, log_path, output_dir, force, window, jobs, forc
     finally:
         for d in tmp_dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _decide_on_copies(plans, date, tids, log_path, jobs, window, force_cut, aws, echo,
+                      before_cut, what):
+    """Recover ``plans`` into their temporary files and decide the cut there
+    (``--dry-run``, ``--plan``)."""
+    _recover_all(plans, date, jobs)
+    try:
+        if before_cut is not None:
+            before_cut({s: r.tmp for s, r in plans.items()})
+        return decide_cuts({s: r.tmp for s, r in plans.items()}, tids, window=window,
+                           echo=echo, force_cut=force_cut, all_writers_stamp=aws,
+                           accepted=tidlog_accepted(log_path))
+    except ScanError as exc:
+        raise ToolError(f"{what} failed: {exc}; nothing was changed") from None
 
 
 def _recover_all(plans: dict[str, StorageRestore], date: str, jobs: int | None,
@@ -662,3 +675,222 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
         raise ToolError(f"restore failed while putting the restored files in place: {text}; "
                         f"storages already restored: {done}; the others are unchanged; "
                         "run the restore again (with --force)") from None
+
+
+# -- storages on several hosts (restore --plan) --------------------------------
+
+#: ``context["plan"]`` of a plan for several hosts (``restore --plan --json``)
+PLAN_FORMAT = "tidstorage-hosts-plan-1"
+
+
+def _plan_each(config: Config, dates: dict[str, str], tids, output_dir,
+               check_dirs) -> dict[str, StorageRestore]:
+    """:func:`_plan` with a backup date per storage."""
+    import dataclasses
+
+    out, errors = {}, []
+    for sid in sorted(dates):
+        one = dataclasses.replace(config, storages={sid: config.storages[sid]})
+        try:
+            plans = _plan(one, dates[sid], None if tids is None else {sid: tids[sid]},
+                          output_dir, None if check_dirs is None else {sid: check_dirs[sid]})
+        except ToolError as exc:
+            errors.append(str(exc).removesuffix("\nnothing was changed"))
+            continue
+        plans[sid].date = dates[sid]
+        out.update(plans)
+    if errors:
+        raise ToolError("\n".join(errors + ["nothing was changed"]))
+    return out
+
+
+def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.DEFAULT_WINDOW,
+               jobs: int | None = None, force_cut: bool = False,
+               echo: Echo = quiet) -> RestoreResult:
+    """``restore --plan``: the plan every host applies (``--plan FILE``).
+
+    Computed where every storage's repository is visible (a shared
+    directory, the object store's staging copy, copies of the
+    repositories): one point of the TID log copies seen here that every
+    storage has a backup holding (:func:`tidstorage.tools.pitr.choose_hosts_target`),
+    then, as ``--dry-run`` does, each storage recovered from its backup into
+    a temporary directory and the cut decided on all of them together (the
+    stamps' check and raise see every storage).  ``result.plan`` is the
+    :class:`CutPlan`; its context names the point, the backup used per
+    storage and the set; the cut TIDs are final: a host only cuts there.
+    Changes nothing.
+    """
+    from .pitr import choose_hosts_target, cut_at_bound
+
+    require_storages(config)
+    require(config.backup.status_file_backup_dir, "backup.status_file_backup_dir",
+            "restore --plan (the TID log copies)")
+    for st in config.storages.values():
+        require(st.backup_dir, f"storages.{st.name}.backup_dir", "restore --plan")
+    set_id = check_identities(config, for_what="restore --plan")
+    try:
+        target = choose_hosts_target(config, at, echo)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    log_path = target.point.path
+    check_tidlog_identity(config, log_path, set_id, chosen=target.point.source != "live")
+    tids = target.point.tids
+    before_cut = cut_at_bound(target.bound, echo) if target.bound is not None else None
+    tmp_root = Path(tempfile.mkdtemp(prefix=".tidstorage-plan-"))
+    try:
+        tmp_dirs = {}
+        for sid in config.storages:
+            tmp_dirs[sid] = tmp_root / id_filename(sid)
+            tmp_dirs[sid].mkdir()
+        plans = _plan_each(config, target.backups, tids, None, tmp_dirs)
+        for r in plans.values():
+            r.snapshot = None  # the blobs are not needed to plan the cut
+        echo(f"planning: recovering {len(plans)} storage(s) into temporary directories "
+             "(deleted afterwards)")
+        aws = config.server.all_writers_stamp
+        cuts, report = _decide_on_copies(plans, "", tids, log_path, jobs, window, force_cut,
+                                         aws, echo, before_cut, "restore --plan")
+        shown = {s: config.storages[s].data_fs or Path(id_filename(s)) for s in plans}
+        plan = make_plan("restore", cuts, report, tidlog=log_path, all_writers_stamp=aws,
+                         shown=shown)
+        plan.context.update(target.context())
+        plan.context.update({"plan": PLAN_FORMAT, "set_id": set_id})
+        plan.notes.append("a plan for storages on several hosts: apply it on each host with "
+                          "restore --plan FILE --storages <that host's storages>; every "
+                          "host cuts its storages at these cut TIDs")
+        result = RestoreResult(date=max(target.backups.values()), tidlog=log_path,
+                               storages=plans, plan=plan, point=target.context())
+        return result
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _plan_cuts(plan: dict, ids) -> tuple[dict[str, int], dict[str, str]]:
+    """The cut TID (-1: nothing kept) and the backup date of each of
+    ``ids`` in a plan's JSON; ToolError if it is not such a plan."""
+    context = plan.get("context") if isinstance(plan, dict) else None
+    if not isinstance(context, dict) or context.get("plan") != PLAN_FORMAT:
+        raise ToolError("not a plan made by restore --plan --json (no context.plan "
+                        f"{PLAN_FORMAT!r}); nothing was changed")
+    storages, backups = plan.get("storages") or {}, context.get("backups") or {}
+    missing = [s for s in ids if s not in storages or s not in backups]
+    if missing:
+        raise ToolError(f"the plan has no cut for storage(s) {', '.join(missing)} (it was "
+                        "made with another storage list?); nothing was changed")
+    cuts = {}
+    for s in ids:
+        tid = storages[s].get("cut_tid")
+        cuts[s] = -1 if tid is None else int(tid)
+    return cuts, {s: rz.parse_date(backups[s]) for s in ids}
+
+
+def _recorded_date(config: Config, sid: str, date: str) -> str | None:
+    """The backup recorded in this host's ``timestamp_file`` whose chain of
+    ``sid`` ends with the repozo file ``date`` (None: not recorded here)."""
+    st = config.storages[sid]
+    for stamp in read_timestamps(config.backup.timestamp_file):
+        if stamp < date:
+            continue
+        try:
+            files = rz.verified_chain(st.backup_dir, stamp)
+        except rz.RepositoryError:
+            return None
+        return stamp if files and rz.file_date(files[-1]) == date else None
+    return None
+
+
+def apply_plan(config: Config, plan: dict, *, output_dir: Path | None = None,
+               force: bool = False, jobs: int | None = None, echo: Echo = quiet,
+               progress: Progress | None = None) -> RestoreResult:
+    """``restore --plan FILE``: restore the storages of ``config`` (this
+    host's: ``--storages``) as a plan made by :func:`plan_hosts` says, each
+    from the backup the plan names (its repozo chain ending with that file),
+    cut exactly at the plan's cut TID.  Refused, nothing changed, when the
+    plan is another set's, lacks one of these storages, or when this host's
+    backups cannot hold the plan's point (the backup was removed, or its
+    files end before the cut TID); a storage with blobs needs that backup
+    recorded in this host's ``timestamp_file`` (its blob snapshot)."""
+    from ..formats.filestorage import find_cut, truncate_at
+    from .pitr import chain_last_tid
+
+    require_storages(config)
+    for st in config.storages.values():
+        require(st.backup_dir, f"storages.{st.name}.backup_dir", "restore --plan")
+        if output_dir is None:
+            require(st.data_fs, f"storages.{st.name}.data_fs", "restore (or --output-dir)")
+    set_id = check_identities(config, for_what="restore --plan")
+    context = plan.get("context") if isinstance(plan, dict) else None
+    if isinstance(context, dict) and context.get("set_id") not in (None, set_id):
+        raise ToolError(f"the plan is for backup set {context.get('set_id')}, this host's is "
+                        f"{set_id}; nothing was changed")
+    cuts, backups = _plan_cuts(plan, sorted(config.storages))
+    dates, errors = {}, []
+    for sid, date in backups.items():
+        st = config.storages[sid]
+        try:
+            files = rz.verified_chain(st.backup_dir, date)
+            if not files or rz.file_date(files[-1]) != date:
+                raise rz.RepositoryError(f"{st.backup_dir}: no backup {date} (removed by "
+                                         "cleanup?)")
+            _, last = chain_last_tid(st.backup_dir, files)
+        except (OSError, rz.RepositoryError, rz.DatError) as exc:
+            errors.append(f"storage {sid}: this host cannot restore the plan's backup "
+                          f"{date}: {exc}")
+            continue
+        if cuts[sid] >= 0 and (last is None or last < cuts[sid]):
+            errors.append(f"storage {sid}: this host's backup {date} ends at "
+                          f"{verify.format_tid(last)}, before the plan's cut "
+                          f"{verify.format_tid(cuts[sid])}: it cannot hold the plan's point")
+            continue
+        dates[sid] = date
+        if st.blob_dir is not None:
+            recorded = _recorded_date(config, sid, date)
+            if recorded is None:
+                errors.append(f"storage {sid}: backup {date} is not recorded in this host's "
+                              f"{config.backup.timestamp_file}: its blob snapshot is unknown")
+                continue
+            dates[sid] = recorded
+    if errors:
+        raise ToolError("\n".join(errors + ["restore --plan refused; nothing was changed"]))
+    if output_dir is not None and output_dir.is_dir():
+        migrate_output_names(output_dir, config.storages, echo)
+    plans = _plan_each(config, dates, cuts, output_dir, None)
+    _refuse_overwrite(plans, force)
+    result = RestoreResult(date=max(dates.values()), tidlog=None, storages=plans,
+                           point=dict(context))
+    echo(f"restoring {len(plans)} storage(s) as the plan says (point "
+         f"{context.get('point')})")
+    locks = []
+    try:
+        if output_dir is None:
+            for r in plans.values():
+                r.target.parent.mkdir(parents=True, exist_ok=True)
+                locks.append(Lock(Path(f"{r.target}.lock"),
+                                  f"storage {r.id}: {r.target} is in use, stop its server "
+                                  "first"))
+        try:
+            _recover_all(plans, "", jobs, progress)
+            for s, r in plans.items():
+                point = find_cut(r.tmp, cuts[s])
+                if point.offset < r.tmp.stat().st_size:
+                    truncate_at(r.tmp, point.offset)
+                echo(f"storage {s}: cut after {verify.format_tid(point.last_tid)} as planned "
+                     f"({point.dropped} transaction(s) dropped)")
+                r.size = r.tmp.stat().st_size
+                if r.blob_tmp is not None and r.blob_tmp.exists():
+                    r.pruned_blobs = len(blobs.prune(r.blob_tmp, point.last_tid).files)
+        except BaseException as exc:
+            for r in plans.values():
+                _cleanup(r)
+            if isinstance(exc, (OSError, ScanError)):
+                text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+                raise ToolError(f"restore failed: {text}; nothing was changed") from None
+            raise
+        for r in plans.values():
+            _install(r)
+            echo(f"storage {r.id}: restored {r.target}")
+    finally:
+        for lock in locks:
+            lock.release()
+    result.coherent = True
+    return result
