@@ -120,8 +120,8 @@ def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
     # the copy holds the daemon's history (the point of round 1 too)
     live = (hosts.a / "daemon" / "tidstorage.tid").read_bytes()
     assert live[:200] == open(out["tidlog_copy"], "rb").read()[:200]
-    assert not (hosts.b / "backups" / "timestamps").read_text().strip() == (
-        hosts.a / "backups" / "timestamps").read_text().strip()  # each host records its own
+    for h in (hosts.a, hosts.b):  # each host records its own backup, once
+        assert len((h / "backups" / "timestamps").read_text().split()) == 1
     hosts.commit(3)  # after every backup: in no plan
 
     # The plan, where every repository is visible (the shared directory).
