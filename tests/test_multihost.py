@@ -147,6 +147,11 @@ def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
     r = run("verify", "-c", cfg(hosts.a), *[f"--files={s}={p}" for s, p in restored.items()])
     assert r.returncode == 0, r.stdout + r.stderr
 
+    # Cleanup is per host: its own timestamp_file, its own storages' repositories.
+    r = run("cleanup", "-c", cfg(hosts.a), "--storages", "a1,a2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len((hosts.a / "backups" / "timestamps").read_text().split()) == 1  # still restorable
+
     # A host whose backups cannot hold the plan's point refuses, changing nothing.
     bad = json.loads(plan_file.read_text())
     bad["storages"]["b1"]["cut_tid"] = r2["b1"] + (1 << 32) * 3600  # past its backup
@@ -162,7 +167,7 @@ def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
 
 def test_unknown_storage_ids_are_a_usage_error(hosts):
     for cmd in (["backup"], ["restore", "--dry-run"], ["repair", "--dry-run"],
-                ["standby", "sync", "--dir", str(hosts.tmp / "sb")]):
+                ["standby", "sync", "--dir", str(hosts.tmp / "sb")], ["cleanup", "--dry-run"]):
         r = run(*cmd, "-c", cfg(hosts.a), "--storages", "a1,zz,yy")
         assert r.returncode == 2, (cmd, r.stdout + r.stderr)
         assert "zz, yy" in r.stderr and "not configured" in r.stderr, r.stderr

@@ -598,17 +598,19 @@ def verify(config_path, files, tidlog, compute, as_json, window):
               help="Keep the recorded backups from the N-th newest full recorded one on "
                    "(default: backup.keep_full_backups).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
-def cleanup(config_path, keep, dry_run):
+@STORAGES
+def cleanup(config_path, keep, dry_run, storage_ids):
     """Delete what the newest recorded backups do not need; prune timestamp_file.
 
     \b
     Examples:
       tidstorage cleanup -c site.toml --dry-run
       tidstorage cleanup -c site.toml --keep 2
+      tidstorage cleanup -c site.toml --storages main,catalog   # this host's backups
     """
     from ..tools.cleanup import run_cleanup
 
-    config = _load(config_path)
+    config = load_for(config_path, storage_ids)
     with _Errors():
         from ..tools.objectstore import after_cleanup, pull_if_target  # issue 13
         pull_if_target(config, echo=click.echo)
