@@ -100,7 +100,9 @@ def backup(host, *args):
     return r, json.loads(r.stdout)
 
 
-def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
+def _backed_up_apart(hosts):
+    """Round 1, host A backs up a1, a2; round 2, host B backs up b1;
+    round 3 (in no backup).  Returns the TIDs of rounds 1 and 2."""
     r1 = hosts.commit(1)
     r, out = backup(hosts.a, "--storages", "a1,a2")
     assert r.returncode == 0, r.stderr
@@ -123,17 +125,26 @@ def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
     for h in (hosts.a, hosts.b):  # each host records its own backup, once
         assert len((h / "backups" / "timestamps").read_text().split()) == 1
     hosts.commit(3)  # after every backup: in no plan
+    return r1, r2
 
-    # The plan, where every repository is visible (the shared directory).
+
+def _plan(hosts):
     r = run("restore", "-c", cfg(hosts.b), "--plan", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    plan = json.loads(r.stdout)
+    plan_file = hosts.tmp / "plan.json"
+    plan_file.write_text(r.stdout)
+    return json.loads(r.stdout), plan_file
+
+
+def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
+    r1, r2 = _backed_up_apart(hosts)
+
+    # The plan, where every repository is visible (the shared directory).
+    plan, plan_file = _plan(hosts)
     assert plan["context"]["plan"] == "tidstorage-hosts-plan-1"
     cuts = {s: p["cut_tid"] for s, p in plan["storages"].items()}
     assert cuts == r1  # the newest point host A's backup (round 1) holds
     assert sorted(plan["context"]["backups"]) == ["a1", "a2", "b1"]
-    plan_file = hosts.tmp / "plan.json"
-    plan_file.write_text(r.stdout)
     # The same command on each host (as cron or configuration management would).
     for host, ids in ((hosts.a, "a1,a2"), (hosts.b, "b1")):
         r = run("restore", "-c", cfg(host), "--plan", str(plan_file), "--storages", ids,
@@ -163,6 +174,59 @@ def test_two_hosts_backed_up_apart_restore_one_plan_coherently(hosts):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "cannot hold the plan's point" in r.stderr and "nothing was changed" in r.stderr
     assert (hosts.b / "restored" / "b1.fs").read_bytes() == before
+
+
+def test_two_hosts_promote_their_standbys_at_one_plan(hosts):
+    """Each host's standby, synced from its own backups, promoted at the
+    cut TIDs of one plan: the promoted files of both hosts are one coherent
+    set, though host B's standby holds round 2 (its TID log copies reach
+    further than host A's)."""
+    r1, r2 = _backed_up_apart(hosts)
+    ids = {hosts.a: "a1,a2", hosts.b: "b1"}
+    for host, sids in ids.items():
+        r = run("standby", "sync", "-c", cfg(host), "--dir", str(host / "standby"),
+                "--storages", sids)
+        assert r.returncode == 0, r.stdout + r.stderr
+    files = {"a1": hosts.a / "standby" / "a1.fs", "a2": hosts.a / "standby" / "a2.fs",
+             "b1": hosts.b / "standby" / "b1.fs"}
+    assert last_tid(files["b1"]) == r2["b1"]  # host B's standby holds more
+    plan, plan_file = _plan(hosts)
+    cuts = {s: p["cut_tid"] for s, p in plan["storages"].items()}
+    assert cuts == r1
+
+    # Plans this standby cannot use are refused, the standby unchanged.
+    before = files["b1"].read_bytes()
+    bad = json.loads(plan_file.read_text())
+    bad["storages"]["b1"]["cut_tid"] = r2["b1"] + (1 << 32) * 3600  # past its end
+    lacking = json.loads(plan_file.read_text())
+    del lacking["storages"]["b1"]
+    other = json.loads(plan_file.read_text())
+    other["context"]["set_id"] = "another-set"
+    for name, data, text in (("bad", bad, "does not hold the plan's point"),
+                             ("lacking", lacking, "no cut for storage(s) b1"),
+                             ("other", other, "the plan is for backup set another-set")):
+        f = hosts.tmp / f"{name}-plan.json"
+        f.write_text(json.dumps(data))
+        r = run("standby", "promote", "-c", cfg(hosts.b), "--dir", str(hosts.b / "standby"),
+                "--plan", str(f), "--storages", "b1")
+        assert r.returncode == 1, (name, r.stdout + r.stderr)
+        assert text in r.stderr and "nothing was changed" in r.stderr, (name, r.stderr)
+        assert files["b1"].read_bytes() == before
+        assert not (hosts.b / "standby" / "tidstorage-promoted.json").exists()
+    r = run("standby", "promote", "-c", cfg(hosts.b), "--dir", str(hosts.b / "standby"),
+            "--plan", str(plan_file), "--at", "latest", "--storages", "b1")
+    assert r.returncode == 2, r.stdout + r.stderr
+
+    # The same plan on each host, each promoting its own standby in place.
+    for host, sids in ids.items():
+        r = run("standby", "promote", "-c", cfg(host), "--dir", str(host / "standby"),
+                "--plan", str(plan_file), "--storages", sids)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "promoted in place" in r.stdout
+    assert {s: last_tid(p) for s, p in files.items()} == cuts  # each at the plan's TID
+    r = run("verify", "-c", cfg(hosts.a), *[f"--files={s}={p}" for s, p in files.items()])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SPLIT" not in r.stdout
 
 
 def test_unknown_storage_ids_are_a_usage_error(hosts):

@@ -135,9 +135,14 @@ def sync(config_path, directory, as_json, storage_ids):
               help="Seconds of TID time read before each storage's cut.")
 @click.option("--force-cut", is_flag=True, help="Cut even if the stamp check lowers a cut "
               "by more than an hour of commits (see restore).")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Cut exactly at the cut TIDs of this plan (the JSON of `tidstorage "
+                   "restore --plan --json`, computed where every repository is visible): "
+                   "storages on several hosts. Not with --at.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @STORAGES
-def promote(config_path, directory, at, output_dir, window, force_cut, as_json, storage_ids):
+def promote(config_path, directory, at, output_dir, window, force_cut, plan_file, as_json,
+            storage_ids):
     """Cut the standby at a coherent point: a set ready to start.
 
     In place (O(tail): the standby is consumed, and sync refuses it
@@ -152,6 +157,9 @@ def promote(config_path, directory, at, output_dir, window, force_cut, as_json, 
           --output-dir /srv/pitr
       tidstorage standby promote -c site.toml --dir /srv/standby --storages main \\
           --at 2026-11-30T12:00      # several hosts: the same --at on each
+      tidstorage restore -c site.toml --plan --json > plan.json   # where all repos are
+      tidstorage standby promote -c site.toml --dir /srv/standby --storages main \\
+          --plan plan.json           # several hosts: the same plan on each
     """
     from ..tools.cut import CACHE_NOTE
     from ..tools.pitr import parse_at
@@ -162,15 +170,23 @@ def promote(config_path, directory, at, output_dir, window, force_cut, as_json, 
             parse_at(at)
         except ValueError as exc:
             _fail(str(exc), EXIT_USAGE)
-    if storage_ids is not None and at is None:
-        _fail("--storages: give the same --at TIME on every host (the newest point each "
-              "standby holds differs from host to host)", EXIT_USAGE)
+    if plan_file is not None and (at is not None or force_cut):
+        _fail("--plan gives the cut: not with --at nor --force-cut", EXIT_USAGE)
+    if storage_ids is not None and at is None and plan_file is None:
+        _fail("--storages: give the same --plan FILE (or --at TIME) on every host (the "
+              "newest point each standby holds differs from host to host)", EXIT_USAGE)
+    cut_plan = None
+    if plan_file is not None:
+        from ..tools.cut import read_plan
+        with _errors():
+            cut_plan = read_plan(plan_file)
     config = load_for(config_path, storage_ids)
     echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
     with _errors():
         result = run_promote(config, directory.resolve(), at=at,
                              output_dir=output_dir.resolve() if output_dir else None,
-                             window=window, force_cut=force_cut, echo=echo)
+                             window=window, force_cut=force_cut, cut_plan=cut_plan,
+                             echo=echo)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return

@@ -59,6 +59,7 @@ from ..core.stamps import largest_cut_above
 from ..core.tids import tid_seconds
 from ..errors import ToolError
 from ..formats import filestorage
+from ..formats import repozo as rz
 from ..formats.filestorage import CutPoint
 from ..formats.tidlog import read_log
 from . import verify
@@ -67,6 +68,7 @@ from .common import Echo, quiet
 __all__ = [
     "CACHE_NOTE",
     "MAX_CUT_LOWERING",
+    "PLAN_FORMAT",
     "CutDecision",
     "CutPlan",
     "DroppedTxn",
@@ -75,6 +77,8 @@ __all__ = [
     "RULE_STAMPS",
     "StoragePlan",
     "make_plan",
+    "plan_cuts",
+    "read_plan",
     "confirm_cuts",
     "decide_cuts",
     "describe_cut",
@@ -350,6 +354,51 @@ class CutPlan:
                    "TID log's point)")
         out += [f"note: {n}" for n in self.notes]
         return out
+
+
+#: ``context["plan"]`` of a plan for several hosts (``restore --plan --json``)
+PLAN_FORMAT = "tidstorage-hosts-plan-1"
+
+
+def read_plan(path: Path) -> dict:
+    """The JSON of a plan file (``restore --plan --json`` output);
+    ToolError if it cannot be read or is not JSON."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ToolError(f"cannot read the plan {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ToolError(f"the plan {path} is not JSON: {exc}") from None
+
+
+def plan_cuts(plan: dict, ids, set_id: str | None) -> tuple[dict[str, int], dict[str, str], dict]:
+    """Check a plan's JSON (made by ``restore --plan --json``) for the
+    storages ``ids`` of the backup set ``set_id``, and return the cut TID
+    (-1: nothing kept) and the backup date of each of ``ids``, and the
+    plan's context.  ToolError (nothing changed) if it is not such a plan,
+    is another set's, or lacks one of ``ids``.  Used by ``restore --plan
+    FILE`` and ``standby promote --plan FILE``."""
+    context = plan.get("context") if isinstance(plan, dict) else None
+    if not isinstance(context, dict) or context.get("plan") != PLAN_FORMAT:
+        raise ToolError("not a plan made by restore --plan --json (no context.plan "
+                        f"{PLAN_FORMAT!r}); nothing was changed")
+    if context.get("set_id") not in (None, set_id):
+        raise ToolError(f"the plan is for backup set {context.get('set_id')}, this host's is "
+                        f"{set_id}; nothing was changed")
+    storages, backups = plan.get("storages") or {}, context.get("backups") or {}
+    missing = [s for s in ids if s not in storages or s not in backups]
+    if missing:
+        raise ToolError(f"the plan has no cut for storage(s) {', '.join(missing)} (it was "
+                        "made with another storage list?); nothing was changed")
+    try:
+        cuts = {s: -1 if storages[s].get("cut_tid") is None else int(storages[s]["cut_tid"])
+                for s in ids}
+        dates = {s: rz.parse_date(backups[s]) for s in ids}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ToolError(f"the plan is malformed ({exc}); nothing was changed") from None
+    return cuts, dates, context
 
 
 def _why(d: CutDecision, rule: str) -> str:

@@ -73,12 +73,14 @@ from .common import (
 )
 from .cut import (
     CACHE_NOTE,
+    PLAN_FORMAT,
     CutDecision,
     CutPlan,
     confirm_cuts,
     decide_cuts,
     describe_cut,
     make_plan,
+    plan_cuts,
     post_check,
     tidlog_accepted,
     tidlog_tids,
@@ -679,10 +681,6 @@ def _restore_all(config, plans, date, tids, window, jobs, echo, result, force_cu
 
 # -- storages on several hosts (restore --plan) --------------------------------
 
-#: ``context["plan"]`` of a plan for several hosts (``restore --plan --json``)
-PLAN_FORMAT = "tidstorage-hosts-plan-1"
-
-
 def _plan_each(config: Config, dates: dict[str, str], tids, output_dir,
                check_dirs) -> dict[str, StorageRestore]:
     """:func:`_plan` with a backup date per storage."""
@@ -765,25 +763,6 @@ def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def _plan_cuts(plan: dict, ids) -> tuple[dict[str, int], dict[str, str]]:
-    """The cut TID (-1: nothing kept) and the backup date of each of
-    ``ids`` in a plan's JSON; ToolError if it is not such a plan."""
-    context = plan.get("context") if isinstance(plan, dict) else None
-    if not isinstance(context, dict) or context.get("plan") != PLAN_FORMAT:
-        raise ToolError("not a plan made by restore --plan --json (no context.plan "
-                        f"{PLAN_FORMAT!r}); nothing was changed")
-    storages, backups = plan.get("storages") or {}, context.get("backups") or {}
-    missing = [s for s in ids if s not in storages or s not in backups]
-    if missing:
-        raise ToolError(f"the plan has no cut for storage(s) {', '.join(missing)} (it was "
-                        "made with another storage list?); nothing was changed")
-    cuts = {}
-    for s in ids:
-        tid = storages[s].get("cut_tid")
-        cuts[s] = -1 if tid is None else int(tid)
-    return cuts, {s: rz.parse_date(backups[s]) for s in ids}
-
-
 def _recorded_date(config: Config, sid: str, date: str) -> str | None:
     """The backup recorded in this host's ``timestamp_file`` whose chain of
     ``sid`` ends with the repozo file ``date`` (None: not recorded here)."""
@@ -819,11 +798,7 @@ def apply_plan(config: Config, plan: dict, *, output_dir: Path | None = None,
         if output_dir is None:
             require(st.data_fs, f"storages.{st.name}.data_fs", "restore (or --output-dir)")
     set_id = check_identities(config, for_what="restore --plan")
-    context = plan.get("context") if isinstance(plan, dict) else None
-    if isinstance(context, dict) and context.get("set_id") not in (None, set_id):
-        raise ToolError(f"the plan is for backup set {context.get('set_id')}, this host's is "
-                        f"{set_id}; nothing was changed")
-    cuts, backups = _plan_cuts(plan, sorted(config.storages))
+    cuts, backups, context = plan_cuts(plan, sorted(config.storages), set_id)
     dates, errors = {}, []
     for sid, date in backups.items():
         st = config.storages[sid]

@@ -71,6 +71,13 @@ files removed, the cut files verified (:func:`~tidstorage.tools.cut.confirm_cuts
 and a TID log holding one full record of the cut point is written beside
 them, for the daemon of the promoted set.  An interrupted in-place promote
 is resumed by running it again (the marker records the cut decided).
+
+``--plan FILE`` (storages on several hosts) takes the cut from a plan made
+by ``restore --plan --json`` where every repository is visible, checked as
+``restore --plan FILE`` checks it (:func:`tidstorage.tools.cut.plan_cuts`:
+this set's, naming every storage of this host): each standby file is cut
+exactly at the plan's ``cut_tid``, refused (nothing changed) when the file
+ends before it or lacks that transaction.  Then as above.
 """
 
 from __future__ import annotations
@@ -105,7 +112,7 @@ from .common import (
     set_tidlog_copies,
     tidlog_copies,
 )
-from .cut import confirm_cuts, decide_cuts, describe_cut
+from .cut import CutDecision, confirm_cuts, decide_cuts, describe_cut, plan_cuts
 from .identity import check_identities, check_tidlog_identity, tidlog_identity_path
 from .restore import output_paths
 
@@ -773,13 +780,58 @@ def _copy_prefix(src: Path, dst: Path, n: int) -> None:
         raise
 
 
+def _plan_point(cut_plan: dict, paths: dict[str, Path], states: dict[str, StandbyState],
+                blob_dirs: dict[str, Path | None], set_id: str | None, result: PromoteResult,
+                echo: Echo) -> tuple[dict[str, CutDecision], dict[str, int | None]]:
+    """``promote --plan``: the cut of each standby file at the plan's cut
+    TID (checked by :func:`tidstorage.tools.cut.plan_cuts`, as ``restore
+    --plan FILE`` does); ToolError, nothing changed, if this standby does
+    not hold it."""
+    cut_tids, backups, context = plan_cuts(cut_plan, sorted(paths), set_id)
+    errors, cuts = [], {}
+    for s, p in sorted(paths.items()):
+        want = cut_tids[s]
+        last = filestorage.last_tid(p)
+        if want >= 0 and (last is None or last < want):
+            errors.append(f"storage {s}: the standby {p} ends at {verify.format_tid(last)}, "
+                          f"before the plan's cut {verify.format_tid(want)}: it does not hold "
+                          "the plan's point (sync it first)")
+            continue
+        point = filestorage.find_cut(p, max(want, 0))
+        if point.last_tid != (want if want >= 0 else None):
+            errors.append(f"storage {s}: the standby {p} has no transaction "
+                          f"{verify.format_tid(want)} (the plan's cut): not the plan's files")
+            continue
+        snap = states[s].blob_snapshot
+        if blob_dirs[s] is not None and (snap is None or snap < backups[s]):
+            errors.append(f"storage {s}: the standby's blobs ({snap or 'never synced'}) are "
+                          f"older than the plan's backup {backups[s]}: sync it first")
+            continue
+        log_tid = int(cut_plan["storages"][s].get("log_tid", want))
+        cuts[s] = CutDecision(s, p, p.stat().st_size, log_tid, want, point, point,
+                              cut_plan["storages"][s].get("rule", "log"), want)
+        result.tids[s] = log_tid
+    if errors:
+        raise ToolError("\n".join(errors + ["standby promote --plan refused; nothing was "
+                                             "changed"]))
+    result.point_id = context.get("point_id")
+    result.tidlog = Path(context["point_tidlog"]) if context.get("point_tidlog") else None
+    echo(f"point: {context.get('point')} (the plan's; cut at its TIDs)")
+    return cuts, {s: d.point.last_tid for s, d in cuts.items()}
+
+
 def run_promote(config: Config, directory: Path, *, at: str | None = None,
                 output_dir: Path | None = None, window: float = verify.DEFAULT_WINDOW,
-                force_cut: bool = False, echo: Echo = quiet) -> PromoteResult:
+                force_cut: bool = False, cut_plan: dict | None = None,
+                echo: Echo = quiet) -> PromoteResult:
     """Cut the standby in ``directory`` at a coherent point, in place (the
     standby is consumed) or into ``output_dir`` (see the module docstring).
+    With ``cut_plan`` (the JSON of ``restore --plan --json``), at exactly
+    the plan's cut TIDs (storages on several hosts; not with ``at``).
     Raises :class:`ToolError` (nothing changed, unless it says otherwise)."""
     t0 = time.monotonic()
+    if cut_plan is not None and at is not None:
+        raise ToolError("--plan gives the point: not with --at")
     _check_config(config, "standby promote")
     directory = Path(directory)
     if not (directory / SET_FILE).exists():
@@ -798,7 +850,9 @@ def run_promote(config: Config, directory: Path, *, at: str | None = None,
         paths = {s: standby_paths(directory, s)[0] for s in states}
         blob_dirs = {s: standby_paths(directory, s)[1]
                      if config.storages[s].blob_dir is not None else None for s in states}
-        if plan is None:
+        if plan is None and cut_plan is not None:
+            cuts, kept = _plan_point(cut_plan, paths, states, blob_dirs, set_id, result, echo)
+        elif plan is None:
             bound, copies, line = _parse_at(at, directory)
             snaps = [st.blob_snapshot for s, st in states.items() if blob_dirs[s] is not None]
             if any(sn is None for sn in snaps):
@@ -827,6 +881,11 @@ def run_promote(config: Config, directory: Path, *, at: str | None = None,
             result.tidlog = Path(plan["tidlog"])
             result.point_time, result.tids = plan["point_time"], plan["tids"]
             kept = plan["kept"]
+            if cut_plan is not None:
+                want = plan_cuts(cut_plan, sorted(paths), set_id)[0]
+                if any((-1 if kept.get(s) is None else kept[s]) != t for s, t in want.items()):
+                    raise ToolError(f"{directory}: an interrupted promote cut elsewhere than "
+                                    "this plan: resume it without --plan; nothing was changed")
             echo(f"resuming the promote of {plan['started']} (cut decided then)")
             cuts = {}
             for s, p in paths.items():
@@ -902,6 +961,4 @@ def _mark(marker: Path, status: str, result: PromoteResult, kept) -> None:
 
 
 def _decision(sid, path, tid, point):
-    from .cut import CutDecision
-
     return CutDecision(sid, path, path.stat().st_size, tid, tid, point, point)
