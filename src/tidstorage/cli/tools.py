@@ -323,12 +323,13 @@ def _restore_plan(config_path, storage_ids, plan, at, date, tidlog, no_cut, chec
     if at is not None or as_json:
         _fail("--plan FILE applies a plan: --at and --json go with --plan alone (computing "
               "it)", EXIT_USAGE)
+    from ..errors import ToolError
+    from ..tools.cut import read_plan
+
     try:
-        data = json.loads(Path(plan).read_text(encoding="utf-8"))
-    except OSError as exc:
-        _fail(f"cannot read the plan {plan}: {exc.strerror or exc}", EXIT_USAGE)
-    except ValueError as exc:
-        _fail(f"the plan {plan} is not JSON: {exc}", EXIT_USAGE)
+        data = read_plan(Path(plan))
+    except ToolError as exc:
+        _fail(str(exc), EXIT_USAGE)
     with _Errors(), _progress(config) as progress:
         apply_plan(config, data, output_dir=output_dir.resolve() if output_dir else None,
                    force=force, jobs=jobs, echo=click.echo, progress=progress)

@@ -94,7 +94,6 @@ __all__ = [
     "StorageRestore",
     "migrate_output_names",
     "output_paths",
-    "PLAN_FORMAT",
     "apply_plan",
     "run_restore",
     "plan_hosts",
