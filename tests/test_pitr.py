@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import sys
 
@@ -287,3 +288,73 @@ def test_gzipped_chain_and_a_damaged_backup(tmp_path):
     r = run_cli("restore", "-c", site.config, "--at", at, "--output-dir", tmp_path / "out2")
     assert r.returncode == 1 and "cannot be restored" in r.stderr
     assert f"before: {listing['points'][0]['id']}" in r.stderr
+
+
+def test_a_chain_after_a_pack_holds_no_older_point(tmp_path):
+    """A full backup taken after a pack keeps only the revisions current at
+    the pack: cutting it at an older point gives a wrong state.  Here the
+    pre-pack chain is removed by ``tidstorage cleanup --keep 1`` (the real
+    tool), so only the post-pack chain is left: a point before the pack is
+    refused, naming the pack; a point after it restores exactly."""
+    import ZODB
+    from ZODB.FileStorage import FileStorage
+
+    site = Site(tmp_path / "packed", ids=("a", "b"), blobs=False)
+    states = {}
+    with site:
+        site.commit()
+        site.commit(["a"])
+        p1 = site.publish()
+        states[1] = _state(site)
+        assert run_backup(load_config(site.config)).ok
+        c2 = site.commit()
+        p2 = site.publish()
+        states[2] = _state(site)
+        c3 = site.commit(["b"])
+        p3 = site.publish()
+    # the pack, with the site stopped: every transaction so far is packed
+    for s in site.ids:
+        db = ZODB.DB(FileStorage(str(site.data_fs(s))))
+        try:
+            db.pack()
+        finally:
+            db.close()
+    with site:
+        c4 = site.commit()
+        p4 = site.publish()
+        states[4] = _state(site)
+        r = run_backup(load_config(site.config), full=True)
+        assert r.ok and {s: x.mode for s, x in r.storages.items()} == {"a": "full", "b": "full"}
+        after = site.commit()
+    cleaned = run_cli("cleanup", "-c", site.config, "--keep", "1")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    for s in site.ids:  # the pre-pack chain is gone
+        assert len([f for f in os.listdir(site.repo(s)) if f.endswith(".fs")]) == 1
+    listing = _points(site)
+    [b] = listing["backups"]
+    assert {s: x["pack_tid"] for s, x in b["storages"].items()} == \
+        {"a": c2["a"], "b": c3["b"]}  # the last transaction each kept
+    owner = {k: next(p["backup"] for p in listing["points"] if p["tids"] == tids)
+             for k, tids in {1: p1, 2: p2, 3: p3, 4: p4}.items()}
+    assert owner == {1: None, 2: None, 3: None, 4: b["timestamp"]}
+    text = run_cli("restore", "-c", site.config, "--list-points")
+    assert text.returncode == 0, text.stderr
+    assert "before the pack of a at" in text.stdout, text.stdout
+    # before the pack: refused, the pack named, the nearest restorable point too
+    p4_id = _id_of(listing, p4)
+    # (cutting the packed files there would give empty storages at P1, and
+    # at P2 a split transaction)
+    for n, at in enumerate([_iso(_between(p1, c2)), _iso(_between(c2, c3))]):
+        out = tmp_path / f"before{n}"
+        r = run_cli("restore", "-c", site.config, "--at", at, "--output-dir", out)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "before the pack of" in r.stderr and f"after: {p4_id}" in r.stderr, r.stderr
+        assert not out.exists() or not any(out.iterdir())
+    # after the pack: the application data of then
+    r = run_cli("restore", "-c", site.config, "--at", _iso(_between(c4, after)),
+                "--output-dir", tmp_path / "after")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify: coherent" in r.stdout
+    got = {s: read_counters(tmp_path / "after" / f"{s}.fs") for s in site.ids}
+    assert got == {s: {**states[4][s], "blobs": {}} for s in site.ids}
+

@@ -60,9 +60,21 @@ backups' files were deleted or damaged) and the time before the first
 point.  ``--at`` on such a point fails, naming the nearest restorable points
 before and after it.
 
-Not detected: a chain whose full backup was taken after a pack holds no
-exact state older than the pack; a point older than the pack is restored
-from it only if no older chain holds it (keep the pre-pack chains for that).
+Packs
+-----
+A pack rewrites history: the file keeps only the revisions current at the
+pack time, in transactions marked ``"p"`` (packed).  A chain whose full
+backup was taken after a pack cannot be cut to a state older than the pack.
+Its *pack boundary*, per storage, is the TID of the last ``"p"``
+transaction at the start of the full backup's file (:func:`pack_boundary`:
+the transaction headers are walked forward until the first one that is not
+packed; headers only, a gzipped file is decompressed as it passes, once per
+process).  A chain holds ``P`` only if also every ``P[s]`` is *above* its
+boundary (the boundary transaction itself is packed).  A point older than
+the pack is then restored from an older chain, or refused ("before the pack
+of <storage> at <time>") with the nearest restorable points; a full backup
+whose headers cannot be read is taken as packed up to its last transaction
+(a warning says so).
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ import datetime
 import gzip
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +108,7 @@ __all__ = [
     "Point",
     "Target",
     "chain_last_tid",
+    "pack_boundary",
     "choose_hosts_target",
     "choose_target",
     "inventory",
@@ -209,6 +223,68 @@ def chain_last_tid(repo: Path, files: list[str]) -> tuple[int, int | None]:
     return end, tid
 
 
+_PACK_CACHE: dict[tuple, int | None] = {}
+_TRANS_HDR = struct.Struct(">8sQcHHH")  # ZODB.FileStorage.format.TRANS_HDR
+
+
+def _gzip_pack_boundary(path: Path) -> int | None:
+    """The last TID of the leading ``"p"`` transactions of a gzipped
+    FileStorage file, decompressed as it is read (headers are parsed, the
+    rest of each record skipped)."""
+    last = None
+    with gzip.open(path, "rb") as f:
+        if f.read(4) not in (b"FS30", b"FS21"):
+            raise rz.DatError(f"{path}: not a FileStorage (bad magic)")
+        pos = 4
+        while True:
+            head = f.read(_TRANS_HDR.size)
+            if len(head) < _TRANS_HDR.size:
+                return last  # the end of the file
+            tid, tl, status, ul, dl, el = _TRANS_HDR.unpack(head)
+            if status != b"p":
+                return last
+            if tl < _TRANS_HDR.size + ul + dl + el:
+                raise rz.DatError(f"{path}: bad transaction length {tl} at offset {pos}")
+            f.seek(tl + 8 - _TRANS_HDR.size, os.SEEK_CUR)
+            pos += tl + 8
+            last = int.from_bytes(tid, "big")
+
+
+def _unknown_pack(repo: Path, files: list[str], last: int | None) -> int | None:
+    """The pack boundary assumed for a chain whose full backup's headers
+    cannot be read: its full backup's last transaction (failing that, the
+    chain's)."""
+    try:
+        return chain_last_tid(repo, files[:1])[1]
+    except (OSError, rz.DatError):
+        return last
+
+
+def pack_boundary(repo: Path, full: str) -> int | None:
+    """The TID of the last packed (``"p"``) transaction at the start of the
+    full backup ``full`` of ``repo`` (None: not packed): the chain it starts
+    holds no exact state at or before it.  Reads transaction headers only,
+    from the start up to the first one that is not packed; cached per file
+    in the process.  Raises OSError, ScanError or DatError."""
+    from ..formats import filestorage
+
+    path = repo / full
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _PACK_CACHE:
+        return _PACK_CACHE[key]
+    if full.endswith("z"):
+        last = _gzip_pack_boundary(path)
+    else:
+        last = None
+        for h in filestorage.iter_forward(path):
+            if h.status != b"p":
+                break
+            last = h.tid
+    _PACK_CACHE[key] = last
+    return last
+
+
 # -- the inventory -------------------------------------------------------------
 
 
@@ -221,12 +297,19 @@ class StorageBackupInfo:
     chain_bytes: int
     end: int | None = None      #: size of the recovered Data.fs
     last_tid: int | None = None  #: its last transaction
+    #: the chain's pack boundary (:func:`pack_boundary`; None: not packed)
+    pack_tid: int | None = None
+
+    def holds(self, tid: int) -> bool:
+        return (self.pack_tid is None or tid > self.pack_tid) and tid <= (self.last_tid or 0)
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "files": self.files, "bytes": self.bytes,
                 "chain_files": self.chain_files, "chain_bytes": self.chain_bytes,
                 "end": self.end, "last_tid": self.last_tid,
-                "last_tid_time": None if self.last_tid is None else tid_time(self.last_tid)}
+                "last_tid_time": None if self.last_tid is None else tid_time(self.last_tid),
+                "pack_tid": self.pack_tid,
+                "pack_time": None if self.pack_tid is None else tid_time(self.pack_tid)}
 
 
 @dataclass
@@ -243,8 +326,13 @@ class BackupInfo:
         return not self.problems
 
     def holds_point(self, p: Point) -> bool:
-        return self.restorable and all(
-            p.tids[s] <= (self.storages[s].last_tid or 0) for s in p.tids)
+        return self.restorable and all(self.storages[s].holds(p.tids[s]) for s in p.tids)
+
+    def packed_past(self, p: Point) -> dict[str, int]:
+        """The storages (and their pack boundaries) where ``p`` is at or
+        before this chain's pack boundary."""
+        return {s: i.pack_tid for s, i in sorted(self.storages.items())
+                if s in p.tids and i.pack_tid is not None and p.tids[s] <= i.pack_tid}
 
     def to_json(self) -> dict:
         fp = self.first_points
@@ -266,6 +354,13 @@ class Point:
     tids: dict[str, int]
     backup: BackupInfo | None = None  #: the first restorable backup holding it
     aliases: list[str] = field(default_factory=list)
+    #: not restorable because the backups whose files reach it were all
+    #: taken after a pack: storage -> that pack boundary (the first such)
+    packed: dict[str, int] = field(default_factory=dict)
+
+    def pack_reason(self) -> str:
+        return ", ".join(f"before the pack of {s} at {tid_time(t)} UTC"
+                         for s, t in sorted(self.packed.items()))
 
     @property
     def newest(self) -> int:
@@ -284,7 +379,8 @@ class Point:
                 "line": self.lineno, "record_time": _utc(self.time),
                 "data_time": tid_time(self.newest), "tids": dict(sorted(self.tids.items())),
                 "restorable": self.backup is not None,
-                "backup": None if self.backup is None else self.backup.timestamp}
+                "backup": None if self.backup is None else self.backup.timestamp,
+                "before_pack": {s: tid_time(t) for s, t in sorted(self.packed.items())}}
 
 
 @dataclass
@@ -302,11 +398,12 @@ class Inventory:
         return [p for p in self.points if p.backup is not None]
 
     def runs(self) -> list[tuple[bool, list[Point]]]:
-        """Consecutive points, grouped: (restorable, points)."""
+        """Consecutive points, grouped: (restorable, points); a gap of
+        points older than a pack is a run of its own."""
         out: list[tuple[bool, list[Point]]] = []
         for p in self.points:
             ok = p.backup is not None
-            if out and out[-1][0] == ok:
+            if out and out[-1][0] == ok and bool(out[-1][1][-1].packed) == bool(p.packed):
                 out[-1][1].append(p)
             else:
                 out.append((ok, [p]))
@@ -324,7 +421,8 @@ class Inventory:
                 "points": [p.to_json() for p in self.points],
                 "ranges": [{"restorable": ok, "first": run[0].id, "last": run[-1].id,
                             "points": len(run), "from": tid_time(run[0].newest),
-                            "to": tid_time(run[-1].newest)} for ok, run in self.runs()],
+                            "to": tid_time(run[-1].newest),
+                            "before_pack": bool(run[0].packed)} for ok, run in self.runs()],
                 "incomplete_states": self.incomplete, "warnings": list(self.warnings),
                 "all_writers_stamp": self.all_writers_stamp}
 
@@ -335,9 +433,11 @@ class Inventory:
             for s, i in sorted(b.storages.items()):
                 where = ("?" if i.end is None else
                          f"to {tid_time(i.last_tid)}" if i.last_tid is not None else "empty")
+                packed = ("" if i.pack_tid is None else
+                          f", packed up to {tid_time(i.pack_tid)}: nothing older")
                 parts.append(f"{s} {i.mode or 'BROKEN'} {human_size(i.bytes)} "
                              f"(chain {i.chain_files} file(s), {human_size(i.chain_bytes)}, "
-                             f"data {where})")
+                             f"data {where}{packed})")
             out.append(f"  {b.timestamp}: " + "; ".join(parts))
             if b.problems:
                 out += [f"    NOT RESTORABLE: {p}" for p in b.problems]
@@ -360,6 +460,10 @@ class Inventory:
             span = run[0].label() + (f" .. {run[-1].label()}" if len(run) > 1 else "")
             if ok:
                 out.append(f"  restorable: {span}: {len(run)} point(s)")
+            elif run[-1].packed:
+                out.append(f"  GAP: {span}: {len(run)} point(s) {run[-1].pack_reason()}: "
+                           "the chains that reach them were all taken after the pack, "
+                           "which removed the older revisions")
             else:
                 out.append(f"  GAP: {span}: {len(run)} point(s) no restorable backup holds")
         if self.all_writers_stamp:
@@ -369,7 +473,9 @@ class Inventory:
         return out
 
 
-def _backup_infos(config: Config) -> list[BackupInfo]:
+def _backup_infos(config: Config, warnings: list[str]) -> list[BackupInfo]:
+    from ..errors import ScanError
+
     stamps = read_timestamps(config.backup.timestamp_file)
     copies = set_tidlog_copies(config)
     out, prev = [], None
@@ -393,6 +499,15 @@ def _backup_infos(config: Config) -> list[BackupInfo]:
                 info.end, info.last_tid = chain_last_tid(st.backup_dir, files)
             except (OSError, rz.DatError) as exc:
                 problems.append(f"storage {sid}: cannot tell how far the chain goes: {exc}")
+            else:
+                try:
+                    info.pack_tid = pack_boundary(st.backup_dir, files[0])
+                except (OSError, ScanError, rz.DatError) as exc:
+                    info.pack_tid = _unknown_pack(st.backup_dir, files, info.last_tid)
+                    warnings.append(f"backup {stamp}, storage {sid}: cannot read whether "
+                                    f"{files[0]} was packed ({exc}): taken as packed up to "
+                                    "its last transaction (no older point is restored "
+                                    "from this chain)")
             infos[sid] = info
         out.append(BackupInfo(stamp, started, infos, problems))
         prev = stamp
@@ -451,37 +566,52 @@ class _History:
 
 def _first_holders(points: list[Point], backups: list[BackupInfo]) -> None:
     """Set each point's first restorable backup holding it, and each
-    backup's counts.  When the backups' ends only grow (the usual case: a
-    later backup holds everything an earlier one does), holding is
-    monotone and found by bisection; otherwise by a scan."""
+    backup's counts.  When the backups' ends and pack boundaries only grow
+    (the usual case: a later backup holds everything an earlier one does
+    but what a pack removed), the backups holding a point are a range,
+    found by bisection; otherwise by a scan."""
     import bisect
 
     usable = [b for b in backups if b.restorable]
     ids = sorted(points[0].tids) if points else []
     ends = [tuple(b.storages[s].last_tid or 0 for s in ids) for b in usable]
-    monotone = all(all(x <= y for x, y in zip(a, b, strict=True))
-                   for a, b in zip(ends, ends[1:]))
-    firsts = []
+    packs = [tuple(-1 if b.storages[s].pack_tid is None else b.storages[s].pack_tid
+                   for s in ids) for b in usable]
+
+    def grows(seq):
+        return all(all(x <= y for x, y in zip(a, b, strict=True))
+                   for a, b in zip(seq, seq[1:]))
+
+    monotone = grows(ends) and grows(packs)
+    counts = [0] * (len(usable) + 1)
+    keys = range(len(usable))
     for p in points:
+        tids = [p.tids[s] for s in ids]
         if monotone:
-            tids = [p.tids[s] for s in ids]
-            i = bisect.bisect_left(range(len(usable)), True, key=lambda k: all(
+            # reaching p: from i on; above the pack: before j
+            i = bisect.bisect_left(keys, True, key=lambda k: all(
                 t <= e for t, e in zip(tids, ends[k], strict=True)))
-            first = i if i < len(usable) else None
+            j = bisect.bisect_left(keys, True, key=lambda k: any(
+                t <= x for t, x in zip(tids, packs[k], strict=True)))
+            first = i if i < j else None
+            if first is not None:
+                counts[i] += 1
+                counts[j] -= 1
         else:
             first = next((k for k, b in enumerate(usable) if b.holds_point(p)), None)
-        firsts.append(first)
+            if first is not None:
+                for b in usable[first:]:
+                    b.holds += b.holds_point(p)
         if first is not None:
             p.backup = usable[first]
             usable[first].first_points.append(p)
-            if not monotone:
-                for b in usable[first:]:
-                    b.holds += b.holds_point(p)
+        else:
+            reaching = next((b for b in usable if all(
+                t <= (b.storages[s].last_tid or 0) for s, t in zip(ids, tids, strict=True))),
+                None)
+            if reaching is not None:
+                p.packed = reaching.packed_past(p)
     if monotone:
-        counts = [0] * (len(usable) + 1)
-        for f in firsts:
-            if f is not None:
-                counts[f] += 1
         running = 0
         for k, b in enumerate(usable):
             running += counts[k]
@@ -490,8 +620,8 @@ def _first_holders(points: list[Point], backups: list[BackupInfo]) -> None:
 
 def inventory(config: Config) -> Inventory:
     """The backups and the points (see the module docstring)."""
-    inv = Inventory(_backup_infos(config), [], {},
-                    all_writers_stamp=config.server.all_writers_stamp)
+    inv = Inventory([], [], {}, all_writers_stamp=config.server.all_writers_stamp)
+    inv.backups = _backup_infos(config, inv.warnings)
     read_points(config, inv)
     _first_holders(inv.points, inv.backups)
     return inv
@@ -536,13 +666,16 @@ def read_points(config: Config, inv: Inventory) -> None:
 # -- several hosts (restore --plan) ---------------------------------------------
 
 
-def repository_backups(config: Config) -> dict[str, list[tuple[str, int | None]]]:
-    """Per storage, ``(date, last TID)`` of every backup its repository
-    holds (each data file whose chain verifies against its ``.dat``),
-    oldest first: what a plan for several hosts chooses from, read from the
+def repository_backups(config: Config) -> dict[str, list[tuple[str, int | None, int | None]]]:
+    """Per storage, ``(date, last TID, pack boundary)`` of every backup its
+    repository holds (each data file whose chain verifies against its
+    ``.dat``; the pack boundary of its chain, :func:`pack_boundary`, None
+    if not packed), oldest first: what a plan for several hosts chooses from, read from the
     repositories themselves (each host records its own backups in its own
     ``timestamp_file``, which the planner need not see)."""
-    out: dict[str, list[tuple[str, int | None]]] = {}
+    from ..errors import ScanError
+
+    out: dict[str, list[tuple[str, int | None, int | None]]] = {}
     for sid, st in sorted(config.storages.items()):
         cands = []
         for name in rz.data_files(st.backup_dir):
@@ -551,9 +684,14 @@ def repository_backups(config: Config) -> dict[str, list[tuple[str, int | None]]
                 files = rz.verified_chain(st.backup_dir, date)
                 if not files or rz.file_date(files[-1]) != date:
                     continue
-                cands.append((date, chain_last_tid(st.backup_dir, files)[1]))
+                last = chain_last_tid(st.backup_dir, files)[1]
             except (OSError, rz.RepositoryError, rz.DatError):
                 continue  # not a restorable backup
+            try:
+                pack = pack_boundary(st.backup_dir, files[0])
+            except (OSError, ScanError, rz.DatError):
+                pack = _unknown_pack(st.backup_dir, files, last)
+            cands.append((date, last, pack))
         out[sid] = cands
     return out
 
@@ -598,10 +736,13 @@ def choose_hosts_target(config: Config, at: str | None, echo: Echo = quiet) -> H
                         "visible here (see README, Storages on several hosts); nothing "
                         "was changed")
 
+    def holds(last, pack, tid) -> bool:
+        return last is not None and last >= tid and (pack is None or tid > pack)
+
     def holders(p: Point) -> dict[str, str] | None:
         out = {}
         for s, tid in p.tids.items():
-            d = next((d for d, last in cands[s] if last is not None and last >= tid), None)
+            d = next((d for d, last, pack in cands[s] if holds(last, pack, tid)), None)
             if d is None:
                 return None
             out[s] = d
@@ -629,11 +770,15 @@ def choose_hosts_target(config: Config, at: str | None, echo: Echo = quiet) -> H
             p = before[-1]
         backups = holders(p)
         if backups is None:
-            short = ", ".join(s for s, tid in sorted(p.tids.items())
-                              if not any(last is not None and last >= tid
-                                         for _, last in cands[s]))
+            short = [s for s, tid in sorted(p.tids.items())
+                     if not any(holds(last, pack, tid) for _, last, pack in cands[s])]
+            packed = {s: pack for s in short for _, last, pack in reversed(cands[s])
+                      if last is not None and last >= p.tids[s] and pack is not None}
+            why = "".join(f"; {s} is before the pack at {tid_time(t)} UTC of every backup "
+                          "that reaches it (the pack removed the older revisions)"
+                          for s, t in sorted(packed.items()))
             raise ToolError(f"point {p.label()} cannot be restored: no backup of storage(s) "
-                            f"{short} holds it; nothing was changed")
+                            f"{', '.join(short)} holds it{why}; nothing was changed")
     bound = None
     if config.server.all_writers_stamp and seconds is not None:
         bound = p.newest if kind == "id" else tid_bound(seconds)
@@ -716,6 +861,10 @@ def choose_target(config: Config, at: str, echo: Echo = quiet,
                             f"point is {inv.points[0].label() if inv.points else 'none'}; "
                             f"nearest restorable point: {first}; nothing was changed")
         p = before[-1]
+    if p.backup is None and p.packed:
+        raise _unrestorable(inv, p, f"it is {p.pack_reason()}: the backups whose files "
+                                    "reach it were all taken after that pack, which removed "
+                                    "the older revisions (the chains from before it are gone)")
     if p.backup is None:
         raise _unrestorable(inv, p, "no restorable recorded backup holds it (its TIDs are "
                                     "beyond their files)")
