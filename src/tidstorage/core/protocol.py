@@ -54,8 +54,13 @@ Extensions (legacy clients never send them, so they see no difference):
     one field, a JSON object ``{"verb": ..., "token": ..., ...}`` of at most
     :data:`MAX_FIELD_BYTES`. Reply: a list of fields that, joined, are the
     JSON answer (at most :data:`MAX_ADMIN_REPLY_BYTES`, in fields of
-    :data:`ADMIN_CHUNK` characters). Verbs that change the published state
-    need the daemon's admin token (see ``coordinator.py``).
+    :data:`ADMIN_CHUNK` characters). The verbs (``coordinator._admin``):
+    ``status`` (the point, each storage's lag and problems, in-flight and
+    in-doubt transactions, splits; ``tidstorage status``, ``backup``,
+    ``heal``, the metrics), ``tidlog`` (a page of the TID log, for a backup
+    on another host), and, with the daemon's admin token, ``set-tid``,
+    ``forget`` (``tidstorage admin``), ``accept`` and ``healed``
+    (``tidstorage heal``). Only an authenticated connection sends any.
 
 ``SYNC`` replies ``0`` instead of ``1`` when a ``BEGIN`` received since the
 previous ``SYNC`` on the connection was refused (a rule, a budget, an
