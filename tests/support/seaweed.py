@@ -111,8 +111,8 @@ class Seaweed:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
+            try:  # a throwaway test server: no need to wait for its own shutdown
+                self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
