@@ -295,3 +295,16 @@ def test_a_split_whose_missing_part_appears_later_is_whole_again():
     g.feed("c", [(3, stamp("H", "a", "c"))])
     changed, _ = g.compute({})
     assert changed == {"a": 2, "c": 3} and not g.splits
+
+
+def test_healed_splits_are_counted_past_the_bound(monkeypatch):
+    import tidstorage.core.gate as gate_module
+
+    monkeypatch.setattr(gate_module, "MAX_HEALS", 1)
+    g = Gate(["a", "b"], {})
+    g.feed("b", [(9, None)])
+    for n, (t, h) in enumerate([(1, 2), (3, 4)]):
+        g.feed("a", [(t, stamp(f"T{n}", "a", "b")), (h, heal_stamp(f"H{n}", f"T{n}", "a"))])
+        g.mark_split(f"T{n}", ["b"])
+        g.compute({})
+    assert g.healed_total == 2 and list(g.healed) == ["T1"]  # the coordinator logs each

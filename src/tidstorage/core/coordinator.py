@@ -1335,12 +1335,13 @@ class Coordinator:
             if self._blocked:
                 offers = {s: t for s, t in offers.items() if s not in self._blocked}
         changed, violations = gate.compute(limits, offers)
-        if len(gate.healed) != self._healed_seen:
-            for txn in list(gate.healed)[self._healed_seen - len(gate.healed):]:
+        if gate.healed_total != self._healed_seen:
+            new = min(gate.healed_total - self._healed_seen, len(gate.healed))
+            for txn in list(gate.healed)[-new:]:
                 log.warning("split transaction %s HEALED: its heal was read on %s and the"
                             " published point moved past it; its storages are free again",
                             txn, _short(gate.healed[txn]))
-            self._healed_seen = len(gate.healed)
+            self._healed_seen = gate.healed_total
         for v in violations:
             log.critical(
                 "the published point splits transaction %s over %s (parts %s): learnt after"

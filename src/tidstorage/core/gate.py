@@ -177,8 +177,10 @@ class Gate:
         self._heal_index: dict[str, list[tuple[int, str]]] = {}
         #: split ids an operator accepted as they are: ignored
         self.accepted: set[str] = set()
-        #: splits healed and published past since the start (bounded)
+        #: splits healed and published past since the start (bounded), and
+        #: how many in all
         self.healed: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
+        self.healed_total = 0
 
     # -- queries ---------------------------------------------------------
 
@@ -487,6 +489,7 @@ class Gate:
                     if txn in self._txns:
                         self._forget(known)
                     self.healed[txn] = dict(known.healed)
+                    self.healed_total += 1
                     if len(self.healed) > MAX_HEALS:
                         self.healed.popitem(last=False)
 
