@@ -19,13 +19,13 @@ def run(*args):
                           text=True, timeout=120)
 
 
-def zope_conf(tmp_path, cluster, names=("a1", "a2", "b1"), rename=None):
+def zope_conf(tmp_path, cluster, names=("a1", "a2", "b1"), rename=None, dbnames=None):
     spec = cluster.zeo_spec()
     port = cluster.daemon.port
     lines = ["%define INSTANCE " + str(tmp_path), "%import tidstorage"]
     for i, name in enumerate(names):
         (host, zport), storage = spec[name]
-        lines += [f"<zodb_db {name}>", f"  mount-point {'/' if i == 0 else '/' + name}",
+        lines += [f"<zodb_db {(dbnames or {}).get(name, name)}>", f"  mount-point {'/' if i == 0 else '/' + name}",
                   "  <tidstorage>", f"    name {(rename or {}).get(name, name)}",
                   f"    server localhost:{port}", "    <zeoclient>",
                   f"      server {host}:{zport}", f"      storage {storage}",
@@ -111,6 +111,38 @@ def test_from_zope_writes_a_toml_that_checks(tmp_path, cluster):
     before = out.read_text()
     r = run("config", "from-zope", "--zope-conf", str(zc), "-o", str(out))
     assert r.returncode == 2 and "--force" in r.stderr and out.read_text() == before
+
+
+def test_database_names_for_heal(tmp_path, cluster):
+    """A zodb_db name that is not the table name: check says to set
+    ``database`` (heal maps cross-database references with it), from-zope
+    writes it, and a name given to the wrong storage is an error."""
+    commit_each(cluster)
+    toml = str(cluster.daemon.config_path)
+    zc = zope_conf(tmp_path, cluster, dbnames={"a2": "catalog"})
+    r = run("config", "check", "-c", toml, "--zope-conf", str(zc), *zeo_args(cluster))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "set storages.a2.database = 'catalog'" in r.stdout
+    out = tmp_path / "from-zope.toml"
+    r = run("config", "from-zope", "--zope-conf", str(zc), *zeo_args(cluster), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    data = tomllib.loads(out.read_text())
+    assert data["storages"]["a2"]["database"] == "catalog"
+    assert "database" not in data["storages"]["a1"]
+    r = run("config", "check", "-c", str(out), "--zope-conf", str(zc), *zeo_args(cluster))
+    assert r.returncode == 0 and ".database" not in r.stdout, r.stdout
+    data["storages"]["a1"]["database"] = "catalog"
+    del data["storages"]["a2"]["database"]
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(tomli_w.dumps(data))
+    r = run("config", "check", "-c", str(wrong), "--zope-conf", str(zc), *zeo_args(cluster))
+    assert r.returncode == 1, r.stdout
+    assert "database 'catalog'" in r.stdout and "is storages.a2" in r.stdout
+    data["storages"]["a2"]["database"] = "catalog"
+    wrong.write_text(tomli_w.dumps(data))
+    r = run("config", "check", "-c", str(wrong), "--no-probe")
+    assert r.returncode != 0 and "storages.a2: database name 'catalog' is also storages.a1's" \
+        in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_a_legacy_id_is_derived_like_the_wrapper_does(tmp_path):

@@ -503,3 +503,133 @@ def test_local_storages_are_healed_only_when_nothing_uses_them(tmp_path):
         assert records(files["b"]) == []  # nothing on b, not even a barrier
     finally:
         d.kill()
+
+
+def test_two_heals_of_one_split_undo_it_once(site, monkeypatch):
+    """Two heals of one split, the second run whole between the first's
+    checks and its undo: the first sees the second's heal with the commit
+    locks held and writes nothing. The split changed a ``BTrees.Length``,
+    whose conflict resolution would merge a second undo (the counter
+    decremented twice)."""
+    from BTrees.Length import Length
+
+    from tidstorage.config import load_config
+    from tidstorage.tools import heal as heal_tool
+
+    db = workload.open_databases({"a1": site.spec["a1"]}, site.daemon.address, wrap=False)["a1"]
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        conn.root()["count"] = Length(10)
+        tm.commit()
+        conn.root()["count"].change(5)
+        tm.get().extension["tidstorage"] = {"id": "ts:count-1", "storages": ["a1", "a2"]}
+        tm.commit()
+        conn.close()
+        poll(lambda: status(site)["splits"], lambda s: "ts:count-1" in s)
+
+        real_undo, runs = heal_tool._undo, []
+
+        def undo(stores, tids, stamp, split_id, finish):
+            if finish and not runs:  # the other heal runs whole, here
+                runs.append(cli("heal", "-c", site.config, "--json"))
+            return real_undo(stores, tids, stamp, split_id, finish)
+
+        monkeypatch.setattr(heal_tool, "_undo", undo)
+        result = heal_tool.run_heal(load_config(site.config), wait=60)
+        (other,) = runs
+        assert other.returncode == 0, other.stdout + other.stderr
+        (theirs,) = json.loads(other.stdout)["splits"]
+        assert theirs["state"] == "healed", theirs
+        (ours,) = result.heals
+        assert ours.state == "already healed", (ours.state, ours.reason)
+        assert ours.heal_id == theirs["heal"]["id"] and "while this one ran" in ours.reason
+        heals = [e["tidstorage"]["id"] for _, _, e in records(site.files["a1"])
+                 if e.get("tidstorage", {}).get("heals") == "ts:count-1"]
+        assert heals == [theirs["heal"]["id"]]
+        tm2 = transaction.TransactionManager()
+        conn = db.open(tm2)
+        poll(lambda: (tm2.begin(), conn.root()["count"]())[1], lambda v: v != 15)
+        assert conn.root()["count"]() == 10  # undone once
+        conn.close()
+    finally:
+        db.close()
+
+
+def _split_creating(site, split_id: str, storages: list[str]) -> bytes:
+    """A split on a1 only (stamped for ``storages``) that creates one
+    object; returns its oid once the daemon lists the split."""
+    address, storage = site.spec["a1"]
+    cs = ClientStorage(address, storage=storage, wait_timeout=10)
+    try:
+        new = cs.new_oid()
+        txn = TransactionMetaData(extension={"tidstorage": {"id": split_id,
+                                                            "storages": storages}})
+        cs.tpc_begin(txn)
+        cs.store(new, b"\0" * 8, _record({"v": 1}), "", txn)
+        cs.tpc_vote(txn)
+        cs.tpc_finish(txn)
+    finally:
+        cs.close()
+    poll(lambda: status(site)["splits"], lambda s: split_id in s)
+    return new
+
+
+def test_a_cross_database_reference_to_a_created_object_is_refused(site):
+    """The split created an object on a1; a later transaction on b1 (a
+    storage that does not hold the split) refers to it across databases:
+    refused, naming b1's object, nothing changed."""
+    new = _split_creating(site, "ts:xref-1", ["a1", "a2"])
+    dbs = workload.open_databases({n: site.spec[n] for n in ("a1", "b1")},
+                                  site.daemon.address, wrap=False)
+    try:
+        tm = transaction.TransactionManager()
+        conn_b = dbs["b1"].open(tm)
+        holder = PersistentMapping()
+        conn_b.root()["holder"] = holder
+        holder["far"] = conn_b.get_connection("a1").get(new)
+        tm.get().note("refer across databases")
+        tm.commit()
+        holder_oid = holder._p_oid
+        conn_b.close()
+    finally:
+        for db in dbs.values():
+            db.close()
+    before = {n: records(site.files[n]) for n in ("a1", "b1")}
+    r = cli("heal", "-c", site.config, "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (entry,) = json.loads(r.stdout)["splits"]
+    (blocker,) = entry["blockers"]
+    assert blocker["kind"] == "dangling" and blocker["oid"] == new.hex(), blocker
+    assert holder_oid.hex() in blocker["text"] and "on storage 'b1'" in blocker["text"]
+    (later,) = blocker["transactions"]
+    assert later["storage"] == "b1" and later["description"] == "refer across databases"
+    assert {n: records(site.files[n]) for n in ("a1", "b1")} == before
+
+
+def test_cross_database_references_elsewhere_do_not_block(site):
+    """A cross-database reference to the created oid *in another database*
+    (b1 refers to a2's object of the same oid): the heal goes through."""
+    new = _split_creating(site, "ts:xref-2", ["a1", "b1"])
+    dbs = workload.open_databases({n: site.spec[n] for n in ("a2", "b1")},
+                                  site.daemon.address, wrap=False)
+    try:
+        tm = transaction.TransactionManager()
+        conn_a2 = dbs["a2"].open(tm)
+        target = None
+        while target is None or target._p_oid < new:  # an a2 object with the same oid
+            target = PersistentMapping()
+            conn_a2.add(target)
+            conn_a2.root().setdefault("objs", []).append(target)
+            conn_a2.root()._p_changed = True
+        assert target._p_oid == new, (target._p_oid, new)
+        conn_a2.get_connection("b1").root()["far"] = target
+        tm.commit()
+        conn_a2.close()
+    finally:
+        for db in dbs.values():
+            db.close()
+    r = cli("heal", "-c", site.config, "--json")
+    (entry,) = json.loads(r.stdout)["splits"]
+    assert entry["state"] == "healed" and entry["blockers"] == [], entry
+    assert r.returncode == 0, r.stdout + r.stderr

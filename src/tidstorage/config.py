@@ -27,6 +27,8 @@
     zeo = "127.0.0.1:8100"       # optional: used by bootstrap
     zeo_storage = "1"            # optional, default "1"
     id = "..."                   # optional: the wire id, if not the table name
+    database = "..."             # optional: the ZODB database name (<zodb_db NAME>),
+                                 # if not the table name (heal: cross-database refs)
 
     [backup]
     timestamp_file = "backups/timestamps.log"
@@ -97,6 +99,9 @@ class StorageConfig:
     backup_dir: Path | None = None
     zeo: str | None = None
     zeo_storage: str = "1"
+    #: the ZODB database name (``<zodb_db NAME>``) when not the table name:
+    #: how ``heal`` knows where a cross-database reference points
+    database: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,11 @@ class Config:
         """The admin token (``admin_token_file``): operators' changes of the
         published state (``tidstorage admin``) must carry it."""
         return read_token(self.server.admin_token_file, "admin token file")
+
+    def databases(self) -> dict[str, str]:
+        """ZODB database name -> storage id (``database``, by default the
+        table name)."""
+        return {st.database or st.name: sid for sid, st in self.storages.items()}
 
 
 def read_token(path: Path | None, what: str = "auth token file") -> str | None:
@@ -267,6 +277,7 @@ _STORAGE_KEYS = {
     "zeo": "str",
     "zeo_storage": "str",
     "id": "str",
+    "database": "str",
 }
 _BACKUP_KEYS = {
     "timestamp_file": "path",
@@ -368,6 +379,11 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
                 parse_zeo_address(values["zeo"])
             except ValueError as exc:
                 raise r.fail(f"storages.{name}.zeo", str(exc)) from None
+        database = values.get("database", name)
+        for other in storages.values():
+            if (other.database or other.name) == database:
+                raise r.fail(f"storages.{name}", f"database name {database!r} is also"
+                                                 f" storages.{other.name}'s")
         storages[wire_id] = StorageConfig(name=name, id=wire_id, **values)
     if len(storages) > MAX_STORAGES:
         raise r.fail("storages", f"{len(storages)} storages, more than the daemon tracks"

@@ -55,11 +55,16 @@ completion is always possible when the first undo was, as nothing but the
 heal's own part changed since on the holders still to heal -- otherwise it
 refuses, naming what is in the way, like any heal.)
 
-Limits: references are checked on the holders' later records (their own
-references and any cross-database reference to an oid the split created);
-records in other databases referring to it are not read.  The later
-transactions are read with their data records (through ZEO: sent by the
-server), so a split frozen for long costs a longer read.
+References: the holders' later records are read (their own references,
+and cross-database ones to their database), and so are the other
+storages' records from :data:`MAX_CLOCK_SKEW` before the split (their
+cross-database references).  A cross-database reference names a ZODB
+database (``<zodb_db NAME>``, ``DB(database_name=...)``): ``[storages.X]
+database`` maps it to a storage (by default the table name), and a name
+that maps to no storage is assumed to point into the holder (a refusal,
+never a dangling reference).  The later transactions are read with their
+data records (through ZEO: sent by the server), so a split frozen for long
+costs a longer read.
 
 Returns results; never prints nor imports click (``cli/heal.py`` does).
 """
@@ -194,6 +199,8 @@ class SplitHeal:
     #: conflict resolution when the undo went through)
     later: dict[str, list[Later]] = field(default_factory=dict)
     blockers: list[Blocker] = field(default_factory=list)
+    #: holder -> oids its part created (read by the analysis)
+    created: dict[str, set[bytes]] = field(default_factory=dict, repr=False)
     heal_id: str | None = None
     heal_storages: list[str] = field(default_factory=list)
     #: storage -> TID of the heal's part (found, or written now)
@@ -430,6 +437,27 @@ class _Store:
             if close is not None:
                 close()
 
+    def records(self, start: int) -> Iterable[tuple[Later, bytes, bytes | None]]:
+        """(transaction, oid, data) of every data record from TID ``start``,
+        read without taking any lock (a local file in use is read as it is)."""
+        if self.local and self._fs is None:
+            from ZODB.FileStorage import FileIterator
+
+            if not self.path.exists():
+                return
+            it = FileIterator(str(self.path), p64(start))
+        else:
+            it = self.reader().iterator(p64(start), None)
+        try:
+            for txn in it:
+                lt = Later(self.sid, u64(txn.tid), _text(txn.user), _text(txn.description))
+                for rec in txn:
+                    yield lt, rec.oid, rec.data
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
     def close(self) -> None:
         for name in ("_reader", "_writer", "_fs"):
             obj = getattr(self, name)
@@ -490,10 +518,10 @@ def _class_of(data) -> str | None:
         return None
 
 
-def _refs(data: bytes) -> set[bytes]:
-    """Every oid a record's pickle refers to: its own database's and, to be
-    safe, the oids of cross-database references (weak references excluded:
-    a weak reference to a missing object is None, not an error)."""
+def _refs(data: bytes) -> tuple[set[bytes], set[tuple[str, bytes]]]:
+    """The references in a record's pickle: (oids of its own database,
+    (database name, oid) of cross-database ones).  Weak references are left
+    out: a weak reference to a missing object is None, not an error."""
     from ZODB.serialize import PersistentUnpickler
 
     refs: list = []
@@ -503,22 +531,43 @@ def _refs(data: bytes) -> set[bytes]:
         u.noload()
     except Exception:
         pass
-    out = set()
+    local: set[bytes] = set()
+    cross: set[tuple[str, bytes]] = set()
     for ref in refs:
+        db = None
         if isinstance(ref, tuple) and ref:
             oid = ref[0]
         elif isinstance(ref, (bytes, str)):
             oid = ref
         elif isinstance(ref, list) and len(ref) == 2 and ref[0] in ("m", "n"):
             args = ref[1]
-            oid = args[1] if isinstance(args, tuple) and len(args) >= 2 else None
+            if not (isinstance(args, tuple) and len(args) >= 2):
+                continue
+            db, oid = args[0], args[1]
         else:
             continue
         if isinstance(oid, str):
             oid = oid.encode("latin-1")
-        if isinstance(oid, bytes) and len(oid) == 8:
-            out.add(oid)
-    return out
+        if not (isinstance(oid, bytes) and len(oid) == 8):
+            continue
+        if db is None:
+            local.add(oid)
+        else:
+            cross.add((_text(db), oid))
+    return local, cross
+
+
+#: How far before the split (seconds of TID time) the other storages' records
+#: are read for cross-database references to the objects it created: their
+#: TIDs come from other clocks (other ZEO servers, other hosts).
+MAX_CLOCK_SKEW = 300.0
+
+
+def _reaches(db: str, holder: str, databases: Mapping[str, str]) -> bool:
+    """Can a cross-database reference to ``db`` point into ``holder``?  Yes
+    when ``db`` is the holder's database, and when it names no configured
+    storage (a database name the config does not know: assumed to be it)."""
+    return databases.get(db, holder) == holder
 
 
 def _load_before(storage, oid: bytes, tid: bytes):
@@ -530,7 +579,7 @@ def _load_before(storage, oid: bytes, tid: bytes):
         return None
 
 
-def _analyse(heal: SplitHeal, store: _Store, tid: int) -> None:
+def _analyse(heal: SplitHeal, store: _Store, tid: int, databases: Mapping[str, str]) -> None:
     """The split's objects on ``store``, later changes, dangling references."""
     storage = store.reader()
     sid = store.sid
@@ -562,7 +611,9 @@ def _analyse(heal: SplitHeal, store: _Store, tid: int) -> None:
             created.add(oid)
     heal.objects[sid] = sorted(objs.values(), key=lambda o: o.oid)
     later: dict[bytes, list[Later]] = {}
-    latest: dict[bytes, tuple[Later, bytes | None]] = {}
+    #: the latest revision after the split of each object referring to one
+    #: the split created: oid -> (transaction, referenced oids)
+    latest: dict[bytes, tuple[Later, set[bytes]]] = {}
     it = storage.iterator(p64(tid + 1), None)
     try:
         for txn in it:
@@ -570,26 +621,88 @@ def _analyse(heal: SplitHeal, store: _Store, tid: int) -> None:
             for rec in txn:
                 if rec.oid in objs:
                     later.setdefault(rec.oid, []).append(lt)
-                latest[rec.oid] = (lt, rec.data)
+                if not created:
+                    continue
+                latest.pop(rec.oid, None)
+                if rec.data and rec.oid not in created:
+                    local, cross = _refs(rec.data)
+                    used = (local | {o for d, o in cross if _reaches(d, sid, databases)}) \
+                        & created
+                    if used:
+                        latest[rec.oid] = (lt, used)
     finally:
         getattr(it, "close", lambda: None)()
     for oid, ts in later.items():
         heal.later[oid.hex()] = ts
-    if created:
-        dangling: dict[bytes, list[tuple[Later, bytes]]] = {}
-        for oid, (lt, data) in latest.items():
-            if oid in created or not data:
+    heal.created[sid] = created
+    dangling: dict[bytes, list[tuple[Later, bytes]]] = {}
+    for oid, (lt, used) in latest.items():
+        for ref in used:
+            dangling.setdefault(ref, []).append((lt, oid))
+    _dangling_blockers(heal, sid, objs, dangling, "")
+
+
+def _dangling_blockers(heal: SplitHeal, sid: str, objs: Mapping[bytes, Obj],
+                       dangling: Mapping[bytes, list[tuple[Later, bytes]]], where: str) -> None:
+    for ref, users in sorted(dangling.items()):
+        names = ", ".join(f"{o.hex()} (last written by {_tid_hex(t.tid)})"
+                          for t, o in users[:MAX_NAMED])
+        heal.blockers.append(Blocker(
+            "dangling", sid, f"object {ref.hex()} ({objs[ref].cls or '?'}) was created by"
+            f" the split and is referenced by later object(s) {names}{where}: undoing it"
+            " would leave a dangling reference (a POSKeyError later)",
+            ref.hex(), objs[ref].cls, [t for t, _ in users[:MAX_NAMED]]))
+
+
+def _foreign_refs(heal: SplitHeal, stores: Mapping[str, _Store],
+                  databases: Mapping[str, str]) -> None:
+    """Cross-database references, in the other storages' records, to the
+    objects the split created on its holders (each other storage is read
+    once, from :data:`MAX_CLOCK_SKEW` before the earliest part)."""
+    from ..core.tids import shift_tid
+
+    created = {s: c for s, c in heal.created.items() if c}
+    if not created:
+        return
+    start = shift_tid(min(heal.holders[s] for s in created), -MAX_CLOCK_SKEW)
+    for sid, store in sorted(stores.items()):
+        if sid in heal.holders and set(created) == {sid}:
+            continue  # its own records were read by _analyse
+        # other storage -> holder -> created oid -> [(transaction, referring oid)]
+        found: dict[bytes, tuple[Later, set[tuple[str, bytes]]]] = {}
+        if not store.readable:
+            for holder in created:
+                heal.blockers.append(Blocker(
+                    "unchecked", holder, f"storage {sid!r} cannot be read (neither zeo nor"
+                    f" data_fs): its references to the {len(created[holder])} object(s) the"
+                    " split created cannot be checked"))
+            continue
+        try:
+            for lt, oid, data in store.records(start):
+                found.pop(oid, None)
+                if not data:
+                    continue
+                cross = {(d, o) for d, o in _refs(data)[1]
+                         if any(o in c and _reaches(d, h, databases) and h != sid
+                                for h, c in created.items())}
+                if cross:
+                    found[oid] = (lt, cross)
+        except (ZeoUnavailable, OSError) as exc:
+            for holder in created:
+                heal.blockers.append(Blocker(
+                    "unchecked", holder, f"{store.describe()} cannot be read ({exc}): its"
+                    " references to the object(s) the split created cannot be checked"))
+            continue
+        for holder, oids in sorted(created.items()):
+            if holder == sid:
                 continue
-            for ref in _refs(data) & created:
-                dangling.setdefault(ref, []).append((lt, oid))
-        for ref, users in sorted(dangling.items()):
-            names = ", ".join(f"{o.hex()} (last written by {_tid_hex(t.tid)})"
-                              for t, o in users[:MAX_NAMED])
-            heal.blockers.append(Blocker(
-                "dangling", sid, f"object {ref.hex()} ({objs[ref].cls or '?'}) was created by"
-                f" the split and is referenced by later object(s) {names}: undoing it would"
-                " leave a dangling reference (a POSKeyError later)",
-                ref.hex(), objs[ref].cls, [t for t, _ in users[:MAX_NAMED]]))
+            dangling: dict[bytes, list[tuple[Later, bytes]]] = {}
+            for oid, (lt, cross) in found.items():
+                for d, ref in cross:
+                    if ref in oids and _reaches(d, holder, databases):
+                        dangling.setdefault(ref, []).append((lt, oid))
+            objs = {bytes.fromhex(o.oid): o for o in heal.objects.get(holder, [])}
+            _dangling_blockers(heal, holder, objs, dangling, f" on storage {sid!r}")
 
 
 # -- the undo -----------------------------------------------------------------
@@ -625,10 +738,43 @@ def _order(clients: Mapping) -> list[str]:
     return sorted(clients, key=key)
 
 
+class _Raced(Exception):
+    """Another heal of the split committed while this one ran (found with
+    the commit locks held: nothing of this one was written)."""
+
+    def __init__(self, heals: Mapping[str, tuple[str, int]]) -> None:
+        super().__init__(", ".join(f"{h} on {s}" for s, (h, _t) in sorted(heals.items())))
+        self.heals = dict(heals)
+
+
+def _no_other_heal(stores: Mapping[str, _Store], tids: Mapping[str, int], split_id: str
+                   ) -> None:
+    """Raise _Raced if a heal of ``split_id`` is after ``tids[s]`` on a store.
+
+    Called between the votes and the first finish: every store's commit lock
+    is ours (ZEO takes it at vote and runs the undo under it; a local store
+    is ours alone), so a heal committed before is seen here and one started
+    since waits for the lock and then sees this one.  Without it, two heals
+    started together both undo the split: for an object whose conflict
+    resolution merges an undo (``BTrees.Length``, a counter), the second undo
+    is applied again (a counter decremented twice)."""
+    raced = {}
+    for sid, store in stores.items():
+        for tid, ext, _user, _desc in store.headers(int(tids[sid])):
+            value = _ts(ext)
+            if value is not None and value.get("heals") == split_id:
+                raced[sid] = (str(value.get("id")), tid)
+                break
+    if raced:
+        raise _Raced(raced)
+
+
 def _undo(stores: Mapping[str, _Store], tids: Mapping[str, int], stamp: dict, split_id: str,
           finish: bool) -> dict[str, int]:
     """Undo ``tids[s]`` on every store, as one 2PC; ``finish`` False: vote,
-    then abort (the trial: nothing is written). Raises _UndoFailed."""
+    then abort (the trial: nothing is written).  Before the first finish, no
+    other heal of the split may be there (:func:`_no_other_heal`).  Raises
+    _UndoFailed, or _Raced."""
     from ZODB.Connection import TransactionMetaData
 
     clients = {sid: st.writer() for sid, st in stores.items()}
@@ -651,6 +797,7 @@ def _undo(stores: Mapping[str, _Store], tids: Mapping[str, int], stamp: dict, sp
             clients[sid].tpc_vote(meta)
         if not finish:
             raise _Trial
+        _no_other_heal(stores, tids, split_id)
         for sid in order:
             current = sid
             begun.remove(sid)
@@ -664,7 +811,7 @@ def _undo(stores: Mapping[str, _Store], tids: Mapping[str, int], stamp: dict, sp
                 pass
         if isinstance(exc, _Trial):
             return {}
-        if not isinstance(exc, Exception):
+        if isinstance(exc, _Raced) or not isinstance(exc, Exception):
             raise
         raise _UndoFailed(current, exc, finished) from exc
     return finished
@@ -898,8 +1045,11 @@ def _heal_one(config, heal: SplitHeal, known: Mapping | None, stores, published,
                             " during the barrier (another heal running?): run it again")
     heal.heal_id, heal.heal_storages = hid, heal_storages
     # Feasibility.
+    databases = config.databases()
     for s, tid in todo.items():
-        _analyse(heal, involved[s], tid)
+        _analyse(heal, involved[s], tid, databases)
+    if not heal.blockers:
+        _foreign_refs(heal, stores, databases)
     if heal.blockers:
         heal.state, heal.reason = REFUSED, "the undo is not possible"
         return
@@ -917,6 +1067,17 @@ def _heal_one(config, heal: SplitHeal, known: Mapping | None, stores, published,
         return
     try:
         tids = _undo(todo_stores, todo, stamp, split_id, finish=True)
+    except _Raced as raced:
+        others = {h for h, _ in raced.heals.values()}
+        if set(raced.heals) == set(todo) and len(others) == 1 and (
+                not found.heals or others == {hid}):
+            heal.heal_id = next(iter(others))
+            heal.heal_tids.update({s: t for s, (_h, t) in raced.heals.items()})
+            heal.state = ALREADY
+            heal.reason = f"by {heal.heal_id}, another heal that committed while this one ran"
+            return
+        raise ToolError(f"another heal of it committed while this one ran ({raced}): nothing"
+                        " of this one was written; run heal again") from None
     except _UndoFailed as failed:
         if failed.finished:
             heal.heal_tids.update(failed.finished)

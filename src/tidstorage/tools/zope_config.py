@@ -77,6 +77,16 @@ def check(config: Config, zope_confs: list[Path], zeo_confs: list[Path], *,
             continue
         used.add(wire)
         st = storages[wire]
+        mapped = config.databases().get(db.name)
+        if mapped is None:
+            add(WARNING, f"{where}: storages.{st.name} is database {db.name!r} in {db.where}:"
+                         f" set storages.{st.name}.database = {db.name!r} (heal takes a"
+                         " cross-database reference to an unknown database as pointing"
+                         " anywhere, and refuses more than it must)")
+        elif mapped != wire:
+            add(ERROR, f"{where}: database {db.name!r} of {db.where} is storages.{st.name},"
+                       f" but storages.{storages[mapped].name} says it is {db.name!r}:"
+                       " heal would look for its cross-database references in the wrong place")
         if db.daemon is not None and not same_endpoint(daemon, db.daemon):
             add(ERROR, f"{db.where}: <tidstorage> server {format_address(db.daemon)} is not"
                        f" the daemon of {where} ({format_address(daemon)})")
@@ -193,6 +203,8 @@ def from_zope(zope_confs: list[Path], zeo_confs: list[Path], *, output: Path) ->
         entry: dict = {}
         if key != wire:
             entry["id"] = wire
+        if key != db.name:
+            entry["database"] = db.name
         if db.base == "zeoclient" and db.zeo_servers:
             entry["zeo"] = format_address(db.zeo_servers[0])
             if db.zeo_storage != "1":
