@@ -633,3 +633,86 @@ def test_cross_database_references_elsewhere_do_not_block(site):
     (entry,) = json.loads(r.stdout)["splits"]
     assert entry["state"] == "healed" and entry["blockers"] == [], entry
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_storage_without_undo_is_refused(tmp_path, zeo_factory):
+    """A split whose part is on a storage that cannot undo (a ZEO
+    MappingStorage, as a history-free RelStorage would be): refused, naming
+    the storage, nothing written."""
+    mapping = zeo_factory(["m"], name="m")
+    mapping.config_path.write_text(f"<zeo>\n  address 127.0.0.1:{mapping.port}\n</zeo>\n"
+                                   "<mappingstorage m>\n</mappingstorage>\n")
+    mapping.start()
+    files = zeo_factory(["1"], name="f", start=True)
+    admin = tmp_path / "admin-token"
+    admin.write_text(ADMIN_TOKEN + "\n")
+    admin.chmod(0o600)
+    d = DaemonProcess(tmp_path / "daemon", storages={
+        "m": {"zeo": f"127.0.0.1:{mapping.port}", "zeo_storage": "m"},
+        "f": {"zeo": f"127.0.0.1:{files.port}", "data_fs": str(files.data_fs("1"))}},
+        server={"in_doubt_grace": 1.0, "admin_token_file": str(admin)}).start()
+    try:
+        d.wait_bootstrapped()
+        cs = ClientStorage(("127.0.0.1", mapping.port), storage="m", wait_timeout=10)
+        try:
+            txn = TransactionMetaData(extension={"tidstorage": {"id": "ts:no-undo-1",
+                                                                "storages": ["f", "m"]}})
+            cs.tpc_begin(txn)
+            cs.store(cs.new_oid(), b"\0" * 8, _record({"v": 1}), "", txn)
+            cs.tpc_vote(txn)
+            cs.tpc_finish(txn)
+            last = cs.lastTransaction()
+        finally:
+            cs.close()
+        r = cli("heal", "-c", str(d.config_path), "ts:no-undo-1", "--json")
+        assert r.returncode == 1, r.stdout + r.stderr
+        (entry,) = json.loads(r.stdout)["splits"]
+        assert entry["state"] == "refused" and list(entry["holders"]) == ["m"], entry
+        (blocker,) = entry["blockers"]
+        assert blocker["kind"] == "no-undo" and blocker["storage"] == "m"
+        assert "does not support undo" in blocker["text"]
+        cs = ClientStorage(("127.0.0.1", mapping.port), storage="m", wait_timeout=10,
+                           read_only=True)
+        try:
+            assert cs.lastTransaction() == last  # nothing written
+        finally:
+            cs.close()
+    finally:
+        d.kill()
+
+
+def test_a_split_packed_away_is_refused(site):
+    """The storage holding the split was packed past it: the undo is
+    refused (the pack), naming the storage, nothing written."""
+    from ZODB.serialize import referencesf
+
+    dbs = workload.open_databases({"a1": site.spec["a1"]}, site.daemon.address, wrap=False)
+    try:
+        conn = dbs["a1"].open()
+        conn.root()["kept"] = PersistentMapping(v=0)
+        transaction.commit()
+        oid = conn.root()["kept"]._p_oid
+        conn.close()
+    finally:
+        dbs["a1"].close()
+    _raw_commit(site, "a1", {"tidstorage": {"id": "ts:packed-1", "storages": ["a1", "a2"]}},
+                oid=oid)
+    poll(lambda: status(site)["splits"], lambda s: "ts:packed-1" in s)
+    address, storage = site.spec["a1"]
+    cs = ClientStorage(address, storage=storage, wait_timeout=10)
+    try:
+        cs.pack(time.time() + 1, referencesf)
+    finally:
+        cs.close()
+    before = records(site.files["a1"])
+    assert any(e.get("tidstorage", {}).get("id") == "ts:packed-1" for _, _, e in before)
+    r = cli("heal", "-c", site.config, "ts:packed-1", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (entry,) = json.loads(r.stdout)["splits"]
+    assert entry["state"] == "refused" and entry["blockers"], entry
+    assert {b["kind"] for b in entry["blockers"]} == {"undo-error"}
+    (blocker,) = entry["blockers"]
+    assert blocker["storage"] == "a1"
+    assert blocker["text"] == "the undo failed: UndoError: non-undoable transaction (packed" \
+        " past it?)", blocker
+    assert records(site.files["a1"]) == before

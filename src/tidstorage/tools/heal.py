@@ -825,12 +825,25 @@ def undo_id(tid: int) -> bytes:
     return base64.encodebytes(p64(tid)).rstrip(b"\n")
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """ZEO sends a server-side error it cannot rebuild as a ServerException
+    of (class name, its ``__dict__``): an UndoError is rebuilt as one."""
+    from ZODB.POSException import UndoError
+
+    args = getattr(exc, "args", ())
+    if type(exc).__name__ == "ServerException" and len(args) == 2 \
+            and args[0] == "ZODB.POSException.UndoError" and isinstance(args[1], dict):
+        err = UndoError(args[1].get("_reason"), args[1].get("_oid"))
+        return err
+    return exc
+
+
 def _undo_blockers(heal: SplitHeal, failed: _UndoFailed) -> list[Blocker]:
     """What the failed undo says is in the way: one blocker per object an
     UndoError names (a MultipleUndoErrors names several)."""
     from ZODB.POSException import MultipleUndoErrors, UndoError
 
-    exc = failed.exc
+    exc = _unwrap(failed.exc)
     errors = list(getattr(exc, "_errs", []) or []) if isinstance(exc, MultipleUndoErrors) \
         else [exc]
     out = []
@@ -839,8 +852,11 @@ def _undo_blockers(heal: SplitHeal, failed: _UndoFailed) -> list[Blocker]:
             err = err[1]
         oid = getattr(err, "_oid", None)
         if not (isinstance(err, UndoError) and isinstance(oid, bytes)):
+            why = getattr(err, "_reason", None) or str(err)
+            if why == "non-undoable transaction":  # FileStorage: at or before a pack
+                why += " (packed past it?)"
             out.append(Blocker("undo-error", failed.sid,
-                               f"the undo failed: {type(err).__name__}: {err}"))
+                               f"the undo failed: {type(err).__name__}: {why}"))
             continue
         hexoid = oid.hex()
         cls = next((o.cls for o in heal.objects.get(failed.sid, []) if o.oid == hexoid), None)
