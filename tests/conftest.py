@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,14 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from tidstorage.demo.cluster import ZeoServer  # noqa: E402
+from tidstorage.demo.cluster import PORT_SLICE_ENV, ZeoServer  # noqa: E402
+
+# pytest-xdist workers (README: pytest -n 2) run side by side: each takes its
+# own slice of the free ports, inherited by the processes it starts.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault(PORT_SLICE_ENV, "{}/{}".format(
+        int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")),
+        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture

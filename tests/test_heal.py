@@ -331,7 +331,9 @@ def test_heal_a_killed_writers_split_while_others_write(site):
     """A writer killed between its finishes while two others write: heal
     through ZEO while they go on; they never fail; the point moves past the
     heal; the files verify coherent; only the split's effect is gone."""
-    others = [subprocess.Popen(writer_cmd(site, w, seconds=40, pause=0.01, timeout=0.5),
+    stop = site.daemon.directory / "stop-writers"
+    others = [subprocess.Popen(writer_cmd(site, w, seconds=600, pause=0.01, timeout=0.5,
+                                          stop_file=stop),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for w in (1, 2)]
     try:
@@ -369,6 +371,7 @@ def test_heal_a_killed_writers_split_while_others_write(site):
         r = cli("heal", "-c", site.config)
         assert r.returncode == 0 and "no split to heal" in r.stdout
     finally:
+        stop.touch()  # the writers stop now, cleanly
         outs = [p.communicate(timeout=120) for p in others]
     for p, (out, err) in zip(others, outs):
         assert p.returncode == 0, err

@@ -199,10 +199,11 @@ def test_zconfig_multi_database_commit_is_stamped_in_both_files(tmp_path):
 
 
 @pytest.mark.parametrize("line, match", [
-    (f"server 127.0.0.1:{PORT}:1", "invalid daemon address"),
+    ("server 127.0.0.1:{PORT}:1", "invalid daemon address"),
     ("timeout 0", "invalid timeout"),
 ])
 def test_zconfig_refuses_bad_values_when_read(tmp_path, line, match):
+    line = line.format(PORT=PORT)
     text = "%import tidstorage\n" + _zodb_section("main", tmp_path / "x.fs").replace(
         f"server 127.0.0.1:{PORT}" if line.startswith("server") else "timeout 0.05", line)
     with pytest.raises(ZConfig.ConfigurationError, match=match):

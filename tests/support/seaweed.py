@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from tidstorage.demo.cluster import free_ports
 
 ADMIN = ("AKIDTIDSTORAGEADM", "tidstorage-test-admin-secret-0000000")
 READER = ("AKIDTIDSTORAGERO0", "tidstorage-test-reader-secret-000000")
@@ -31,20 +32,6 @@ def find_weed() -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return shutil.which("weed")
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 class Seaweed:

@@ -35,11 +35,48 @@ class ZeoServerError(TidstorageError, RuntimeError):
     """The ZEO server process could not be started."""
 
 
+#: ``K/N`` in the environment: :func:`free_ports` hands out only ports P with
+#: (P >> 1) % N == K, so that N test workers running side by side
+#: (pytest-xdist: ``tests/conftest.py`` sets it from the worker id) never
+#: pick one port.  (Not P % N: Linux gives bind() odd ports.)
+PORT_SLICE_ENV = "TIDSTORAGE_PORT_SLICE"
+#: Most ports bound (and held) while looking for ports of the slice.
+MAX_PORT_PROBES = 4096
+
+
+def _port_slice() -> tuple[int, int]:
+    text = os.environ.get(PORT_SLICE_ENV, "")
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        return 0, 1
+    return (k % n, n) if n > 0 else (0, 1)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports on *host* that are currently free (of this
+    process's slice, :data:`PORT_SLICE_ENV`)."""
+    k, mod = _port_slice()
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            if len(socks) >= MAX_PORT_PROBES:
+                raise OSError(f"no free port of slice {k}/{mod} after {len(socks)} tries")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+            if (port >> 1) % mod == k:
+                ports.append(port)
+    finally:
+        for sock in socks:
+            sock.close()
+    return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on *host* that is currently free."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def _can_connect(address: tuple[str, int] | str) -> bool:

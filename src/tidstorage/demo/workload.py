@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--kill-after-first-finish", type=int, default=None)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between transactions")
+    parser.add_argument("--stop-file", default=None,
+                        help="stop (cleanly) as soon as this file exists")
     args = parser.parse_args(argv)
     from ..core.addresses import parse_host_port
 
@@ -175,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     tm = transaction.TransactionManager()
     done = conflicts = errors = 0
     deadline = time.monotonic() + args.seconds if args.seconds else None
-    while (deadline is None and done < args.transactions) or (
+    while ((deadline is None and done < args.transactions) or (
         deadline is not None and time.monotonic() < deadline
-    ):
+    )) and not (args.stop_file and os.path.exists(args.stop_file)):
         subset = rng.sample(names, rng.randint(1, len(names)))
         try:
             write_one(databases, tm, args.writer, subset)
