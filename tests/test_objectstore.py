@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from support.fsfixtures import TIDSTORAGE, Site, digest, read_counters, run_cli
-from support.seaweed import ADMIN, READER, Seaweed, find_weed, free_ports
+from support.seaweed import ADMIN, READER, Seaweed, find_weed
 
 from tidstorage.config import ConfigError, parse_config
+from tidstorage.demo.cluster import free_ports
+from tidstorage.formats.filestorage import find_cut, last_tid, truncate_at
 from tidstorage.formats.repozo import repozo_argv
 from tidstorage.tools.objectstore import read_credentials
 from tidstorage.tools.standby import standby_paths
@@ -286,3 +288,75 @@ def test_credentials_file_modes_and_formats(tmp_path):
     p.write_text("access_key_id = AK\n")
     with pytest.raises(ConfigError, match="secret_access_key"):
         read_credentials(p)
+
+
+def test_two_hosts_restore_their_storages_at_one_point_from_the_store(weed, bucket, tmp_path):
+    """Storages on two hosts, one object store: host A backs up ``a``, host
+    B backs up ``b`` later; each host, with nothing local but the config,
+    restores its own storage (``--storages``, no plan file): both compute
+    the same plan from the store and cut at the same point, blobs included;
+    the two restored files verify coherent together."""
+    site = _store_site(tmp_path / "hostA", weed, bucket)
+    host_b = tmp_path / "hostB"
+    (host_b / "var").mkdir(parents=True)
+    shutil.copy(site.config, host_b / "tidstorage.toml")
+    shutil.copy(site.root / "s3.cred", host_b / "s3.cred")
+    (host_b / "s3.cred").chmod(0o600)
+    (host_b / "var" / "b").symlink_to(site.root / "var" / "b")  # b lives on host B
+    (host_b / "var" / "tidstorage.tid").symlink_to(site.tidlog)
+    cfg_b = host_b / "tidstorage.toml"
+
+    _populate(site)
+    _backup(site, "--storages", "a")
+    point = read_log_point(site.tidlog)
+    (host_b / "backups" / "tidlog").mkdir(parents=True)  # one backup set (README)
+    shutil.copy(site.root / "backups" / "tidlog" / "tidstorage-identity.json",
+                host_b / "backups" / "tidlog")
+    _populate(site, 1)
+    _backup_b = run_cli("backup", "-c", cfg_b, "--storages", "b")
+    assert _backup_b.returncode == 0, _backup_b.stdout + _backup_b.stderr
+    _populate(site, 1)  # in no backup
+    expected = {}
+    for sid in site.ids:  # the state at the point host A's backup holds
+        ref = tmp_path / f"ref-{sid}.fs"
+        shutil.copy(site.data_fs(sid), ref)
+        truncate_at(ref, find_cut(ref, point[sid]).offset)
+        expected[sid] = read_counters(ref, site.blob_dir(sid))
+
+    # New machines: nothing local but the config (and B's link to its Data.fs).
+    _wipe(site)
+    shutil.rmtree(host_b / "backups")
+    plans = {}
+    for cfg, sid in ((site.config, "a"), (cfg_b, "b")):
+        r = run_cli("restore", "-c", cfg, "--storages", sid, "--dry-run", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        plans[sid] = json.loads(r.stdout)
+    assert plans["a"]["context"]["digest"] == plans["b"]["context"]["digest"]
+    cuts = {h: {s: e["cut_tid"] for s, e in plan["storages"].items()}
+            for h, plan in plans.items()}
+    assert cuts["a"] == cuts["b"] == point
+    outs = {"a": tmp_path / "restoredA", "b": tmp_path / "restoredB"}
+    for cfg, sid in ((site.config, "a"), (cfg_b, "b")):
+        r = run_cli("restore", "-c", cfg, "--storages", sid, "--output-dir", outs[sid])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"plan {plans['a']['context']['digest']}" in r.stdout
+        assert not (outs[sid] / f"{'b' if sid == 'a' else 'a'}.fs").exists()
+    files = {sid: outs[sid] / f"{sid}.fs" for sid in site.ids}
+    assert {s: last_tid(p) for s, p in files.items()} == point  # one point on both hosts
+    for sid in site.ids:  # the data at that point, blobs included
+        assert read_counters(files[sid], outs[sid] / f"{sid}.blobs") == expected[sid]
+    r = run_cli("verify", "-c", site.config, *[f"--files={s}={p}" for s, p in files.items()])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # Without a shared repository, a host refuses to choose a point alone.
+    plain = tmp_path / "plain.toml"
+    plain.write_text("".join(line for line in site.config.read_text().splitlines(True)
+                             if not line.startswith(("target", "s3_"))))
+    r = run_cli("restore", "-c", plain, "--storages", "a", "--output-dir", tmp_path / "x")
+    assert r.returncode == 2 and "needs one point for every host" in r.stderr, r.stderr
+
+
+def read_log_point(path) -> dict[str, int]:
+    from tidstorage.formats.tidlog import read_log
+
+    return dict(read_log(path).final_tids())

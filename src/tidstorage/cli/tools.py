@@ -265,6 +265,11 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
     if as_json and not dry_run:
         _fail("--json goes with --dry-run, --plan or --list-points", EXIT_USAGE)
     config = load_for(config_path, storage_ids)
+    full = _load(config_path) if storage_ids is not None else config
+    if set(config.storages) != set(full.storages) and _restore_some(
+            full, sorted(config.storages), at, date, tidlog, no_cut, check, output_dir, force,
+            jobs, window, force_cut, dry_run, as_json):
+        return
     with _Errors():  # issue 13: bring the staging copy up to date from the store
         from ..tools.objectstore import pull_if_target
         pull_if_target(config, echo=lambda t: click.echo(t, err=True))
@@ -288,6 +293,41 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         click.echo(CACHE_NOTE)
     else:
         click.echo("note: if these files replace live storages: " + CACHE_NOTE)
+
+
+def _restore_some(full, ids, at, date, tidlog, no_cut, check, output_dir, force, jobs, window,
+                  force_cut, dry_run, as_json) -> bool:
+    """restore --storages (some of the storages, without --plan): every host
+    must cut at one point.  A shared repository (backup.target) gives every
+    host the same inputs: the plan is computed from it here and applied to
+    these storages (True: done).  Without one, an explicit TID log (-t, the
+    same file on every host), --no-cut or --dry-run go on as a restore of
+    these storages (False); anything else is refused."""
+    from ..tools.cut import CACHE_NOTE
+    from ..tools.objectstore import enabled
+    from ..tools.restore import restore_shared
+
+    if not enabled(full) or tidlog is not None or no_cut:
+        if tidlog is None and not no_cut and not dry_run:
+            _fail("restore --storages (some of the storages: several hosts) needs one point"
+                  " for every host: --plan FILE (computed where every repository is visible:"
+                  " restore --plan --json), -t TIDLOG (the same file on every host), or a"
+                  " shared repository (backup.target)", EXIT_USAGE)
+        return False
+    if date is not None or check:
+        _fail("restore --storages from a shared repository: the plan chooses the backups (use"
+              " --at, the same on every host); not with --date nor --check", EXIT_USAGE)
+    with _Errors(), _progress(full) as progress:
+        result = restore_shared(full, ids, at=at,
+                                output_dir=output_dir.resolve() if output_dir else None,
+                                force=force, jobs=jobs, window=window, force_cut=force_cut,
+                                dry_run=dry_run, echo=_plan_echo(as_json), progress=progress)
+    if dry_run:
+        _print_plan(result.plan, as_json)
+    else:
+        click.echo(CACHE_NOTE if output_dir is None
+                   else "note: if these files replace live storages: " + CACHE_NOTE)
+    return True
 
 
 def _restore_plan(config_path, storage_ids, plan, at, date, tidlog, no_cut, check, dry_run,

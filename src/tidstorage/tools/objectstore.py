@@ -502,9 +502,12 @@ def _storage_dirs(config: Config) -> dict[str, tuple[str, object]]:
     return {id_filename(sid): (sid, st) for sid, st in config.storages.items()}
 
 
-def pull(config: Config, *, echo: Echo = quiet) -> PullResult:
+def pull(config: Config, *, echo: Echo = quiet, blobs_of: set[str] | None = None
+         ) -> PullResult:
     """Bring the staging copy up to date from the store (see the module
-    docstring). Under the backup lock."""
+    docstring). Under the backup lock.  ``blobs_of``: the storages whose
+    blob snapshots are rebuilt (None: all; a plan for several hosts reads
+    every storage's repository but restores only this host's blobs)."""
     if config.backup.status_file_backup_dir is None:
         raise ConfigError("backup.status_file_backup_dir: required by backup.target "
                           "(the staging copy)")
@@ -545,6 +548,8 @@ def pull(config: Config, *, echo: Echo = quiet) -> PullResult:
                 result.downloaded.append(rel)
                 result.bytes += size
             for fname, names in sorted(manifests.items()):
+                if blobs_of is not None and by_name[fname][0] not in blobs_of:
+                    continue
                 _pull_snapshots(store, by_name[fname][1], fname, sorted(names), have,
                                 result, state)
             local = read_timestamps(config.backup.timestamp_file)

@@ -95,6 +95,7 @@ __all__ = [
     "migrate_output_names",
     "output_paths",
     "apply_plan",
+    "restore_shared",
     "run_restore",
     "plan_hosts",
 ]
@@ -739,9 +740,13 @@ def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.
         for sid in config.storages:
             tmp_dirs[sid] = tmp_root / id_filename(sid)
             tmp_dirs[sid].mkdir()
-        plans = _plan_each(config, target.backups, tids, None, tmp_dirs)
-        for r in plans.values():
-            r.snapshot = None  # the blobs are not needed to plan the cut
+        # The blobs are not needed to plan the cut (nor present here: each
+        # host has its storages' blob snapshots).
+        import dataclasses
+
+        no_blobs = dataclasses.replace(config, storages={
+            s: dataclasses.replace(st, blob_dir=None) for s, st in config.storages.items()})
+        plans = _plan_each(no_blobs, target.backups, tids, None, tmp_dirs)
         echo(f"planning: recovering {len(plans)} storage(s) into temporary directories "
              "(deleted afterwards)")
         aws = config.server.all_writers_stamp
@@ -760,6 +765,55 @@ def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.
         return result
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def restore_shared(config: Config, ids: list[str], *, at: str | None = None,
+                   output_dir: Path | None = None, force: bool = False,
+                   jobs: int | None = None, window: float = verify.DEFAULT_WINDOW,
+                   force_cut: bool = False, dry_run: bool = False, echo: Echo = quiet,
+                   progress: Progress | None = None) -> RestoreResult:
+    """``restore --storages IDS`` with a shared repository (``[backup]
+    target``, the object store): the storages of this host restored at the
+    point every host computes alike.  The staging copy is brought up to date
+    with every storage's repository, the TID log copies and the recorded
+    backups (the blob snapshots of ``ids`` only); the plan is computed from
+    them as ``restore --plan`` does (:func:`plan_hosts`: it reads every
+    storage), and applied to ``ids`` as ``restore --plan FILE`` does
+    (:func:`apply_plan`).  Two hosts running this with the same ``at``, the
+    store unchanged in between (stop the backups first, as for any restore
+    of a site), cut at the same TIDs; ``result.plan.context["digest"]``
+    (the SHA-256 of the cut TIDs and backups) lets operators compare.  With
+    ``dry_run``, the plan only."""
+    import hashlib
+    import json
+
+    from .common import restrict_storages
+    from .objectstore import enabled, pull
+
+    if not enabled(config):
+        raise ConfigError("restore --storages without --plan needs a shared repository"
+                          " (backup.target)")
+    mine = restrict_storages(config, ids)
+    got = pull(config, echo=echo, blobs_of=set(ids))
+    if got.downloaded or got.snapshots:
+        echo(f"object store: {len(got.downloaded)} file(s) ({got.bytes} bytes) and "
+             f"{len(got.snapshots)} blob snapshot(s) downloaded")
+    planned = plan_hosts(config, at=at, window=window, jobs=jobs, force_cut=force_cut,
+                         echo=echo)
+    data = json.loads(json.dumps(planned.plan.to_json(), sort_keys=True))
+    digest = hashlib.sha256(json.dumps(
+        {"cuts": {s: p.get("cut_tid") for s, p in sorted(data["storages"].items())},
+         "backups": data["context"].get("backups"), "set_id": data["context"].get("set_id")},
+        sort_keys=True).encode()).hexdigest()[:16]
+    planned.plan.context["digest"] = digest
+    echo(f"plan {digest}: point {data['context'].get('point_id') or data['context'].get('point')}"
+         " (every host restoring from this store with the same --at computes this plan)")
+    if dry_run:
+        return planned
+    result = apply_plan(mine, data, output_dir=output_dir, force=force, jobs=jobs, echo=echo,
+                        progress=progress)
+    result.plan = planned.plan
+    return result
 
 
 def _recorded_date(config: Config, sid: str, date: str) -> str | None:
