@@ -360,3 +360,35 @@ def read_log_point(path) -> dict[str, int]:
     from tidstorage.formats.tidlog import read_log
 
     return dict(read_log(path).final_tids())
+
+
+def test_a_push_never_replaces_what_another_host_wrote(weed, bucket, tmp_path):
+    """A backup from a staging copy that is not the store's (a new machine,
+    or a second host configured with this host's storages): its push
+    refuses before uploading anything, naming the object; nothing recorded;
+    the store's backups still restore."""
+    site = _store_site(tmp_path / "site", weed, bucket, blobs=False)
+    _populate(site)
+    _backup(site)
+    client = weed.client()
+    before = _objects(weed, bucket)
+    bodies = {k: client.get_object(Bucket=bucket, Key="site1/" + k)["Body"].read()
+              for k in before}
+    live = {s: read_counters(site.data_fs(s)) for s in site.ids}
+    _wipe(site)  # the staging copy lost: a new set identity, new repositories
+    _populate(site, 1)
+    r = run_cli("backup", "-c", site.config)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "holds what this host neither uploaded nor downloaded" in r.stdout + r.stderr
+    assert "tidstorage-identity.json" in r.stdout + r.stderr
+    after = _objects(weed, bucket)
+    assert after == before  # nothing uploaded, nothing recorded
+    assert {k: client.get_object(Bucket=bucket, Key="site1/" + k)["Body"].read()
+            for k in after} == bodies
+    _wipe(site)
+    r = run_cli("restore", "-c", site.config, "--output-dir", tmp_path / "restored")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for sid in site.ids:
+        assert read_counters(tmp_path / "restored" / f"{sid}.fs") == live[sid]
+    # pulled, the staging copy is the store's again: backups go on
+    _backup(site)

@@ -75,6 +75,7 @@ from .common import (
     quiet,
     read_timestamps,
 )
+from .identity import IDENTITY_FILE
 
 __all__ = ["MULTIPART_THRESHOLD", "Store", "after_cleanup", "enabled", "pull",
            "pull_if_target", "push", "PushResult", "PullResult"]
@@ -401,6 +402,14 @@ class PushResult:
     recorded: list[str] = field(default_factory=list)
 
 
+def _owned(rel: str) -> bool:
+    """Objects one host writes and no other may replace: the repositories
+    (a storage is backed up by one host) and the set's identity.  (TID log
+    copies are not: two hosts backing up in the same second make copies of
+    one name, each a history of the same daemon's log.)"""
+    return rel.startswith("repos/") or rel == f"tidlog/{IDENTITY_FILE}"
+
+
 def _lock(config: Config):
     d = config.backup.status_file_backup_dir
     d.mkdir(parents=True, exist_ok=True)
@@ -418,13 +427,28 @@ def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet) ->
     store.abort_uploads()
     have = store.listing()
 
+    def needed(rel: str, path: Path) -> bool:
+        """Whether ``rel`` must be uploaded; ToolError if that would replace
+        an object of the store that this host did not write (see
+        :func:`_owned`)."""
+        sha, size = state.sha(path)
+        if have.get(rel) == size and state.objects.get(rel) == sha:
+            return False
+        if rel in have:
+            remote = store.remote_sha(rel)
+            if remote == sha:
+                state.objects[rel] = sha
+                return False
+            if _owned(rel) and remote != state.objects.get(rel):
+                raise ToolError(
+                    f"object store: {store.where(rel)} holds what this host neither uploaded"
+                    " nor downloaded: another host backs up this storage into the store, or"
+                    " this staging copy is not the store's (a new machine: `tidstorage restore"
+                    " --list-points` pulls it first); nothing was uploaded nor recorded")
+        return True
+
     def send(rel: str, path: Path) -> None:
         sha, size = state.sha(path)
-        if have.get(rel) == size and (state.objects.get(rel) == sha
-                                      or store.remote_sha(rel) == sha):
-            state.objects[rel] = sha
-            result.skipped += 1
-            return
         echo(f"uploading {path} to {store.where(rel)}")
         store.upload(path, rel, sha, size)
         state.objects[rel] = sha
@@ -433,6 +457,7 @@ def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet) ->
         result.bytes += size
 
     try:
+        todo = [(rel, path) for rel, path in _local_files(config) if needed(rel, path)]
         for sid, st in sorted(config.storages.items()):
             snaps_dir = blob_backup_dir(st.backup_dir)
             base = f"blobs/{id_filename(sid)}"
@@ -453,7 +478,7 @@ def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet) ->
                 store.put_bytes(json.dumps(manifest).encode(), mrel)
                 have[mrel] = 0
                 result.uploaded.append(mrel)
-        for rel, path in _local_files(config):
+        for rel, path in todo:
             send(rel, path)
         stamps = read_timestamps(config.backup.timestamp_file)
         for ts in sorted(set(stamps) | ({timestamp} if timestamp else set())):
