@@ -348,12 +348,29 @@ def test_two_hosts_restore_their_storages_at_one_point_from_the_store(weed, buck
     r = run_cli("verify", "-c", site.config, *[f"--files={s}={p}" for s, p in files.items()])
     assert r.returncode == 0, r.stdout + r.stderr
 
+    # Each host's standby, synced from the store, promoted with no plan file
+    # nor --at: the same plan again, computed on each host.
+    promoted = {}
+    for cfg, sid in ((site.config, "a"), (cfg_b, "b")):
+        standby = Path(cfg).parent / "standby"
+        r = run_cli("standby", "sync", "-c", cfg, "--dir", standby, "--storages", sid)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = run_cli("standby", "promote", "-c", cfg, "--dir", standby, "--storages", sid)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"plan {plans['a']['context']['digest']}" in r.stdout + r.stderr
+        promoted[sid] = standby_paths(standby, sid)[0]
+    assert {s: last_tid(p) for s, p in promoted.items()} == point
+    r = run_cli("verify", "-c", site.config, *[f"--files={s}={p}" for s, p in promoted.items()])
+    assert r.returncode == 0, r.stdout + r.stderr
+
     # Without a shared repository, a host refuses to choose a point alone.
     plain = tmp_path / "plain.toml"
     plain.write_text("".join(line for line in site.config.read_text().splitlines(True)
                              if not line.startswith(("target", "s3_"))))
     r = run_cli("restore", "-c", plain, "--storages", "a", "--output-dir", tmp_path / "x")
     assert r.returncode == 2 and "needs one point for every host" in r.stderr, r.stderr
+    r = run_cli("standby", "promote", "-c", plain, "--dir", tmp_path / "y", "--storages", "a")
+    assert r.returncode == 2 and "shared repository" in r.stderr, r.stderr
 
 
 def read_log_point(path) -> dict[str, int]:

@@ -12,7 +12,7 @@ from .common import CONFIG as _CONFIG
 from .common import EXIT_USAGE, human_size
 from .common import errors as _errors
 from .common import fail as _fail
-from .common import load as _load  # noqa: F401
+from .common import load as _load
 from .tools import STORAGES, load_for
 from .common import progress as _common_progress
 
@@ -172,16 +172,27 @@ def promote(config_path, directory, at, output_dir, window, force_cut, plan_file
             _fail(str(exc), EXIT_USAGE)
     if plan_file is not None and (at is not None or force_cut):
         _fail("--plan gives the cut: not with --at nor --force-cut", EXIT_USAGE)
-    if storage_ids is not None and at is None and plan_file is None:
-        _fail("--storages: give the same --plan FILE (or --at TIME) on every host (the "
-              "newest point each standby holds differs from host to host)", EXIT_USAGE)
+    config = load_for(config_path, storage_ids)
+    full = _load(config_path) if storage_ids is not None else config
+    echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
+    some = set(config.storages) != set(full.storages)
     cut_plan = None
     if plan_file is not None:
         from ..tools.cut import read_plan
         with _errors():
             cut_plan = read_plan(plan_file)
-    config = load_for(config_path, storage_ids)
-    echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
+    elif some and full.backup.target is not None:
+        # A shared repository: every host computes the same plan from it.
+        from ..tools.restore import shared_plan
+        with _errors():
+            _planned, cut_plan = shared_plan(full, sorted(config.storages), at=at,
+                                             window=window, force_cut=force_cut, blobs=False,
+                                             echo=echo)
+        at = None
+    elif some and at is None:
+        _fail("--storages: give the same --plan FILE (or --at TIME) on every host (the "
+              "newest point each standby holds differs from host to host), or use a shared "
+              "repository (backup.target)", EXIT_USAGE)
     with _errors():
         result = run_promote(config, directory.resolve(), at=at,
                              output_dir=output_dir.resolve() if output_dir else None,

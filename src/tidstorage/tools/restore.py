@@ -97,6 +97,7 @@ __all__ = [
     "apply_plan",
     "restore_shared",
     "run_restore",
+    "shared_plan",
     "plan_hosts",
 ]
 
@@ -767,23 +768,21 @@ def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def restore_shared(config: Config, ids: list[str], *, at: str | None = None,
-                   output_dir: Path | None = None, force: bool = False,
-                   jobs: int | None = None, window: float = verify.DEFAULT_WINDOW,
-                   force_cut: bool = False, dry_run: bool = False, echo: Echo = quiet,
-                   progress: Progress | None = None) -> RestoreResult:
-    """``restore --storages IDS`` with a shared repository (``[backup]
-    target``, the object store): the storages of this host restored at the
-    point every host computes alike.  The staging copy is brought up to date
-    with every storage's repository, the TID log copies and the recorded
-    backups (the blob snapshots of ``ids`` only); the plan is computed from
-    them as ``restore --plan`` does (:func:`plan_hosts`: it reads every
-    storage), and applied to ``ids`` as ``restore --plan FILE`` does
-    (:func:`apply_plan`).  Two hosts running this with the same ``at``, the
-    store unchanged in between (stop the backups first, as for any restore
-    of a site), cut at the same TIDs; ``result.plan.context["digest"]``
-    (the SHA-256 of the cut TIDs and backups) lets operators compare.  With
-    ``dry_run``, the plan only."""
+def shared_plan(config: Config, ids: list[str], *, at: str | None = None,
+                window: float = verify.DEFAULT_WINDOW, jobs: int | None = None,
+                force_cut: bool = False, blobs: bool = True, echo: Echo = quiet
+                ) -> tuple[RestoreResult, dict]:
+    """The plan every host computes alike from a shared repository
+    (``[backup] target``, the object store), for a host whose storages are
+    ``ids``: the staging copy brought up to date with every storage's
+    repository, the TID log copies and the recorded backups (the blob
+    snapshots of ``ids`` only, or none without ``blobs``); then
+    :func:`plan_hosts`, which reads every storage.  Two hosts doing this
+    with the same ``at``, the store unchanged in between (stop the backups
+    first, as for any restore of a site), get the same cut TIDs;
+    ``context["digest"]`` (a SHA-256 of the cut TIDs, backups and set) lets
+    operators compare.  Returns the result and the plan as JSON data (what
+    :func:`apply_plan` and ``standby promote`` take)."""
     import hashlib
     import json
 
@@ -791,10 +790,9 @@ def restore_shared(config: Config, ids: list[str], *, at: str | None = None,
     from .objectstore import enabled, pull
 
     if not enabled(config):
-        raise ConfigError("restore --storages without --plan needs a shared repository"
-                          " (backup.target)")
-    mine = restrict_storages(config, ids)
-    got = pull(config, echo=echo, blobs_of=set(ids))
+        raise ConfigError("a plan from a shared repository needs backup.target")
+    restrict_storages(config, ids)  # the ids are configured
+    got = pull(config, echo=echo, blobs_of=set(ids) if blobs else set())
     if got.downloaded or got.snapshots:
         echo(f"object store: {len(got.downloaded)} file(s) ({got.bytes} bytes) and "
              f"{len(got.snapshots)} blob snapshot(s) downloaded")
@@ -805,13 +803,29 @@ def restore_shared(config: Config, ids: list[str], *, at: str | None = None,
         {"cuts": {s: p.get("cut_tid") for s, p in sorted(data["storages"].items())},
          "backups": data["context"].get("backups"), "set_id": data["context"].get("set_id")},
         sort_keys=True).encode()).hexdigest()[:16]
-    planned.plan.context["digest"] = digest
+    planned.plan.context["digest"] = data["context"]["digest"] = digest
     echo(f"plan {digest}: point {data['context'].get('point_id') or data['context'].get('point')}"
-         " (every host restoring from this store with the same --at computes this plan)")
+         " (every host reading this store with the same --at computes this plan)")
+    return planned, data
+
+
+def restore_shared(config: Config, ids: list[str], *, at: str | None = None,
+                   output_dir: Path | None = None, force: bool = False,
+                   jobs: int | None = None, window: float = verify.DEFAULT_WINDOW,
+                   force_cut: bool = False, dry_run: bool = False, echo: Echo = quiet,
+                   progress: Progress | None = None) -> RestoreResult:
+    """``restore --storages IDS`` with a shared repository: the storages of
+    this host restored at the point every host computes alike
+    (:func:`shared_plan`), as ``restore --plan FILE`` does
+    (:func:`apply_plan`).  With ``dry_run``, the plan only."""
+    from .common import restrict_storages
+
+    planned, data = shared_plan(config, ids, at=at, window=window, jobs=jobs,
+                                force_cut=force_cut, echo=echo)
     if dry_run:
         return planned
-    result = apply_plan(mine, data, output_dir=output_dir, force=force, jobs=jobs, echo=echo,
-                        progress=progress)
+    result = apply_plan(restrict_storages(config, ids), data, output_dir=output_dir,
+                        force=force, jobs=jobs, echo=echo, progress=progress)
     result.plan = planned.plan
     return result
 
