@@ -57,9 +57,10 @@ def until(site, predicate, timeout=60):
         time.sleep(0.1)
 
 
-def verify(site):
+def verify(site, *args):
     return subprocess.run([sys.executable, "-m", "tidstorage", "verify", "-c",
-                           str(site.config_path)], capture_output=True, text=True, timeout=120)
+                           str(site.config_path), *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_a_heal_frees_the_split_storages_and_the_point_moves_past_it(site):
@@ -76,6 +77,16 @@ def test_a_heal_frees_the_split_storages_and_the_point_moves_past_it(site):
     r = verify(site)
     assert r.returncode == 0, r.stdout
     assert "healed: split transaction ts:dead-1 is undone by its heal on a1" in r.stdout
+    # --compute: the largest coherent cut of the files keeps the healed
+    # split (and its heal) in: it reaches the end of a1
+    import json
+
+    r = verify(site, "--compute", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["coherent"] is True and "ts:dead-1" in report["healed"], report
+    cut = report["coherent_cut"]["a1"]
+    assert cut["dropped"] == 0 and cut["offset"] == cut["size"] and cut["tid"] == heal, cut
 
 
 def test_an_accepted_split_is_recorded_and_survives_a_restart(site):
@@ -149,6 +160,8 @@ def test_backups_between_a_split_and_its_heal_and_after_both_restore_coherent(ba
         assert "verify: coherent" in r.stdout
         # the first cut below the split, the second past the heal
         assert last_tid(out / "a1.fs") == expected, (backup["timestamp"], r.stdout)
+        if expected == heal:  # the healed split kept, and said so
+            assert "healed: split transaction ts:dead-3" in r.stdout, r.stdout
 
 
 def run_cli(site, *args):
