@@ -363,6 +363,20 @@ def test_two_hosts_restore_their_storages_at_one_point_from_the_store(weed, buck
     r = run_cli("verify", "-c", site.config, *[f"--files={s}={p}" for s, p in promoted.items()])
     assert r.returncode == 0, r.stdout + r.stderr
 
+    # A host's cleanup (--storages) prunes its storages' objects, never the
+    # recorded backups nor the TID log copies: they are every host's.
+    _populate(site, 1)
+    _backup(site, "--storages", "a", "--full")
+    objects = set(_objects(weed, bucket))
+    shared = {k for k in objects if k.startswith(("timestamps/", "tidlog/"))}
+    r = run_cli("cleanup", "-c", site.config, "--storages", "a", "--keep", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a cleanup of every storage prunes them" in r.stdout
+    after = set(_objects(weed, bucket))
+    assert shared <= after, shared - after
+    gone = objects - after
+    assert gone and all(k.startswith(("repos/a/", "blobs/a/")) for k in gone), gone
+
     # Without a shared repository, a host refuses to choose a point alone.
     plain = tmp_path / "plain.toml"
     plain.write_text("".join(line for line in site.config.read_text().splitlines(True)

@@ -652,12 +652,16 @@ def cleanup(config_path, keep, dry_run, storage_ids):
     from ..tools.cleanup import run_cleanup
 
     config = load_for(config_path, storage_ids)
+    shared = storage_ids is None or set(config.storages) == set(_load(config_path).storages)
     with _Errors():
-        from ..tools.objectstore import after_cleanup, pull_if_target  # issue 13
+        from ..tools.objectstore import after_cleanup, enabled, pull_if_target  # issue 13
         pull_if_target(config, echo=click.echo)
         plan = run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
         if not dry_run:
-            after_cleanup(config, plan, echo=click.echo)
+            after_cleanup(config, plan, echo=click.echo, shared=shared)
+        if enabled(config) and not shared:
+            click.echo("note: the store's recorded backups (timestamps/) and TID log copies"
+                       " (tidlog/) are every host's: a cleanup of every storage prunes them")
 
 
 # -- adopt -----------------------------------------------------------------

@@ -637,15 +637,23 @@ def _pull_snapshots(store: Store, st, fname: str, names: list[str], have: dict,
 # -- cleanup --------------------------------------------------------------------
 
 
-def after_cleanup(config: Config, plan, *, echo: Echo = quiet) -> list[str]:
+def after_cleanup(config: Config, plan, *, echo: Echo = quiet, shared: bool = True
+                  ) -> list[str]:
     """Delete the objects of what ``run_cleanup`` deleted (``plan``): its
     pruned recorded backups first, then the files, then blob data no
-    remaining manifest names. Returns the objects deleted."""
+    remaining manifest names. Returns the objects deleted.
+
+    ``shared`` False (``cleanup --storages``, some of the storages: a host
+    of several): only the objects of these storages (``repos/``,
+    ``blobs/``); the recorded backups (``timestamps/``) and the TID log
+    copies (``tidlog/``) are every host's, judged here by these storages
+    alone, and are left to a cleanup of every storage."""
     if not enabled(config):
         return []
     store = Store(config)
     have = store.listing()
-    gone = [f"timestamps/{ts}" for ts in sorted(plan.pruned) if f"timestamps/{ts}" in have]
+    gone = [f"timestamps/{ts}" for ts in sorted(plan.pruned)
+            if shared and f"timestamps/{ts}" in have]
     store.delete(gone)  # first: the store never records a backup whose files are gone
     rels = []
     log_dir = config.backup.status_file_backup_dir
@@ -658,7 +666,7 @@ def after_cleanup(config: Config, plan, *, echo: Echo = quiet) -> list[str]:
             elif path.parent == blob_backup_dir(st.backup_dir):
                 rels.append(f"blobs/{fname}/snapshots/{path.name}.json")
                 snaps_touched.add(fname)
-    rels += [f"tidlog/{p.name}" for p in plan.delete if log_dir is not None
+    rels += [f"tidlog/{p.name}" for p in plan.delete if shared and log_dir is not None
              and p.parent == log_dir]
     rels = [r for r in rels if r in have]
     store.delete(rels)
