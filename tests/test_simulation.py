@@ -31,6 +31,15 @@ SEEDS = int(os.environ.get("TIDSTORAGE_SIM_SEEDS", "2000"))
 CHUNK = 50
 
 
+@pytest.fixture(autouse=True)
+def _logging_back_on():
+    """The simulation silences logging (logging.disable, process-wide):
+    turn it back on, or every later test in this process (a pytest-xdist
+    worker runs other files after this one) logs nothing."""
+    yield
+    logging.disable(logging.NOTSET)
+
+
 def _chunk(start: int) -> list[tuple[int, str]]:
     logging.disable(logging.CRITICAL)
     bad = []

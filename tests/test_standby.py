@@ -330,3 +330,38 @@ def test_a_full_backup_being_written_is_not_used_yet(tmp_path):
     result = run_sync(config, standby)
     assert result.storages["a"].mode == "incremental", result.storages["a"].reason
     assert len(result.storages["a"].applied) == 1
+
+
+def test_promote_at_a_plan_whose_backup_named_its_snapshot_before_its_repozo_file(tmp_path):
+    """A backup names its blob snapshot by its start and its repozo files a
+    moment later, so a second boundary may fall between them (as here, made
+    certain by naming the snapshots a second earlier): promote --plan takes
+    the backup's own snapshot, instead of refusing it as older than the
+    plan's backup (it compared the snapshot's name with the repozo file's)."""
+    from tidstorage.formats import blobs
+    from tidstorage.formats.repozo import timestamp_seconds
+    from tidstorage.tools.common import blob_backup_dir
+
+    site = Site(tmp_path / "site", ids=("a", "b"))
+    with site:
+        site.commit(blob=True)
+        site.commit(blob=True)
+        site.publish()
+    _backup(site)
+    for sid in site.ids:
+        snaps = blob_backup_dir(site.repo(sid))
+        (name,) = blobs.list_snapshots(snaps)
+        earlier = format_timestamp(timestamp_seconds(name) - 1)
+        os.rename(snaps / name, snaps / earlier)
+    r = run_cli("restore", "-c", site.config, "--plan", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    plan = tmp_path / "plan.json"
+    plan.write_text(r.stdout)
+    standby = tmp_path / "standby"
+    r = run_cli("standby", "sync", "-c", site.config, "--dir", standby)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("standby", "promote", "-c", site.config, "--dir", standby, "--plan", plan,
+                "--storages", "a")
+    assert r.returncode == 0, r.stdout + r.stderr
+    paths = standby_paths(standby, "a")
+    assert read_counters(paths[0], paths[1])["blobs"] == site.blob_data["a"]

@@ -780,8 +780,19 @@ def _copy_prefix(src: Path, dst: Path, n: int) -> None:
         raise
 
 
-def _plan_point(cut_plan: dict, paths: dict[str, Path], states: dict[str, StandbyState],
-                blob_dirs: dict[str, Path | None], set_id: str | None, result: PromoteResult,
+def _plan_snapshot(config: Config, sid: str, date: str) -> str | None:
+    """The blob snapshot made by the backup whose repozo file is ``date``:
+    a backup names its snapshot by its start ``T`` and its repozo files
+    ``>= T``, and the next backup starts after every name used, so it is
+    the newest snapshot of the repository named ``<= date``."""
+    snaps = [n for n in blobs.list_snapshots(blob_backup_dir(config.storages[sid].backup_dir))
+             if n <= date]
+    return snaps[-1] if snaps else None
+
+
+def _plan_point(config: Config, cut_plan: dict, paths: dict[str, Path],
+                states: dict[str, StandbyState], blob_dirs: dict[str, Path | None],
+                set_id: str | None, result: PromoteResult,
                 echo: Echo) -> tuple[dict[str, CutDecision], dict[str, int | None]]:
     """``promote --plan``: the cut of each standby file at the plan's cut
     TID (checked by :func:`tidstorage.tools.cut.plan_cuts`, as ``restore
@@ -803,9 +814,11 @@ def _plan_point(cut_plan: dict, paths: dict[str, Path], states: dict[str, Standb
                           f"{verify.format_tid(want)} (the plan's cut): not the plan's files")
             continue
         snap = states[s].blob_snapshot
-        if blob_dirs[s] is not None and (snap is None or snap < backups[s]):
+        need = _plan_snapshot(config, s, backups[s]) if blob_dirs[s] is not None else None
+        if blob_dirs[s] is not None and (snap is None or snap < (need or backups[s])):
             errors.append(f"storage {s}: the standby's blobs ({snap or 'never synced'}) are "
-                          f"older than the plan's backup {backups[s]}: sync it first")
+                          f"older than the plan's backup {backups[s]} (its blob snapshot "
+                          f"{need or 'is not in the repository'}): sync it first")
             continue
         log_tid = int(cut_plan["storages"][s].get("log_tid", want))
         cuts[s] = CutDecision(s, p, p.stat().st_size, log_tid, want, point, point,
@@ -851,7 +864,8 @@ def run_promote(config: Config, directory: Path, *, at: str | None = None,
         blob_dirs = {s: standby_paths(directory, s)[1]
                      if config.storages[s].blob_dir is not None else None for s in states}
         if plan is None and cut_plan is not None:
-            cuts, kept = _plan_point(cut_plan, paths, states, blob_dirs, set_id, result, echo)
+            cuts, kept = _plan_point(config, cut_plan, paths, states, blob_dirs, set_id,
+                                     result, echo)
         elif plan is None:
             bound, copies, line = _parse_at(at, directory)
             snaps = [st.blob_snapshot for s, st in states.items() if blob_dirs[s] is not None]
