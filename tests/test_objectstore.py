@@ -86,7 +86,9 @@ def _backup(site: Site, *args) -> subprocess.CompletedProcess:
 def test_backup_list_restore_standby_cleanup_through_the_store(weed, bucket, tmp_path):
     site = _store_site(tmp_path / "site", weed, bucket, keep=1)
     _populate(site)
-    _backup(site)
+    r = _backup(site)
+    # progress outside a terminal: a line per storage and transfer
+    assert all(f"{sid}: uploading to the object store (~" in r.stderr for sid in site.ids)
     _populate(site, 1)
     _backup(site)
     stamps = site.timestamp_file.read_text().split()
@@ -119,6 +121,7 @@ def test_backup_list_restore_standby_cleanup_through_the_store(weed, bucket, tmp
     _wipe(site)
     r = run_cli("restore", "-c", site.config, "--list-points", "--json")
     assert r.returncode == 0, r.stderr
+    assert all(f"{sid}: downloading from the object store (~" in r.stderr for sid in site.ids)
     listed = json.loads(r.stdout)["backups"]
     assert [b["timestamp"] for b in listed] == stamps and all(b["restorable"] for b in listed)
     out = tmp_path / "restored"
@@ -134,6 +137,7 @@ def test_backup_list_restore_standby_cleanup_through_the_store(weed, bucket, tmp
     standby = tmp_path / "standby"
     r = run_cli("standby", "sync", "-c", site.config, "--dir", standby)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert all(f"{sid}: downloading from the object store" in r.stderr for sid in site.ids)
     for sid in site.ids:
         ref = tmp_path / f"ref-{sid}.fs"
         subprocess.run(repozo_argv() + ["-R", "-r", str(site.repo(sid)), "-o", str(ref)],
@@ -423,3 +427,19 @@ def test_a_push_never_replaces_what_another_host_wrote(weed, bucket, tmp_path):
         assert read_counters(tmp_path / "restored" / f"{sid}.fs") == live[sid]
     # pulled, the staging copy is the store's again: backups go on
     _backup(site)
+
+
+def test_the_terminal_bars_show_the_transfers():
+    """The rich bars of backup/restore and of standby sync take the object
+    store's phases (a terminal is not there in CI: driven directly)."""
+    from tidstorage.cli.standby import _Bars
+    from tidstorage.cli.tools import _BackupProgress
+
+    for cls in (_BackupProgress, _Bars):
+        bars = cls(["a"])
+        bars("a", "download", 10, 40)
+        task = bars.progress.tasks[bars.tasks["a"]]
+        assert (task.completed, task.total) == (10, 40)
+        assert "FAILED" not in task.fields["phase"]
+        bars("a", "upload", 40, 40)
+        assert bars.progress.tasks[bars.tasks["a"]].completed == 40

@@ -13,7 +13,7 @@ from .common import EXIT_USAGE, human_size
 from .common import errors as _errors
 from .common import fail as _fail
 from .common import load as _load
-from .tools import STORAGES, load_for
+from .tools import STORAGES, TRANSFERS, load_for
 from .common import progress as _common_progress
 
 _DIR = click.option("--dir", "directory", required=True,
@@ -54,7 +54,7 @@ class _Lines:
             return
         self.shown.add((sid, phase))
         what = {"check": "checking new files against the .dat",
-                "apply": "appending", "done": "done"}[phase]
+                "apply": "appending", "done": "done", **TRANSFERS}.get(phase, phase)
         click.echo(f"{sid}: {what}" + (f" ({human_size(total)})" if total else ""), err=True)
 
 
@@ -100,10 +100,9 @@ def sync(config_path, directory, as_json, storage_ids):
 
     config = load_for(config_path, storage_ids)
     echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
-    with _errors():  # issue 13: bring the staging copy up to date from the store
-        from ..tools.objectstore import pull_if_target
-        pull_if_target(config, echo=echo)
     with _errors(), _progress(config) as progress:
+        from ..tools.objectstore import pull_if_target  # issue 13: the store's copy
+        pull_if_target(config, echo=echo, progress=progress)
         result = run_sync(config, directory.resolve(), echo=echo, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))

@@ -82,6 +82,9 @@ class _BackupProgress:
         elif phase == "done":
             t = max(self.progress.tasks[task].total or 0, done, 1)
             self.progress.update(task, completed=t, total=t, phase=f"done, {done} bytes written")
+        elif phase in TRANSFERS:
+            self.progress.update(task, completed=done, total=total or None,
+                                 phase=TRANSFERS[phase])
         else:
             self.progress.update(task, phase="FAILED")
 
@@ -93,6 +96,7 @@ class _PlainProgress:
 
     def __init__(self) -> None:
         self.shown: dict[str, int] = {}
+        self.transfers: set[tuple[str, str]] = set()
 
     def __call__(self, sid, phase, done, total):
         from .common import human_size
@@ -110,6 +114,15 @@ class _PlainProgress:
             click.echo(f"{sid}: done, {human_size(done)} written", err=True)
         elif phase == "failed":
             click.echo(f"{sid}: FAILED", err=True)
+        elif phase in TRANSFERS and (sid, phase) not in self.transfers:
+            self.transfers.add((sid, phase))
+            click.echo(f"{sid}: {TRANSFERS[phase]}"
+                       + (f" (~{human_size(total)})" if total else ""), err=True)
+
+
+#: The object store's phases (tools/objectstore.py) as the displays name them.
+TRANSFERS = {"upload": "uploading to the object store",
+             "download": "downloading from the object store"}
 
 
 def _progress(config):
@@ -236,9 +249,9 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         if any([date, tidlog, no_cut, check, output_dir, force, dry_run, at]):
             _fail("--list-points only lists: not with other restore options", EXIT_USAGE)
         config = _load(config_path)
-        with _Errors():  # issue 13: bring the staging copy up to date from the store
+        with _Errors(), _progress(config) as progress:  # issue 13: the store's copy
             from ..tools.objectstore import pull_if_target
-            pull_if_target(config, echo=lambda t: click.echo(t, err=True))
+            pull_if_target(config, echo=lambda t: click.echo(t, err=True), progress=progress)
         _list_points(config, as_json)
         return
     if plan is not None:
@@ -270,10 +283,9 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
             full, sorted(config.storages), at, date, tidlog, no_cut, check, output_dir, force,
             jobs, window, force_cut, dry_run, as_json):
         return
-    with _Errors():  # issue 13: bring the staging copy up to date from the store
-        from ..tools.objectstore import pull_if_target
-        pull_if_target(config, echo=lambda t: click.echo(t, err=True))
     with _Errors(), _progress(config) as progress:
+        from ..tools.objectstore import pull_if_target  # issue 13: the store's copy
+        pull_if_target(config, echo=lambda t: click.echo(t, err=True), progress=progress)
         result = run_restore(
             config, at=at, date=date, tidlog=tidlog.resolve() if tidlog else None, no_cut=no_cut,
             output_dir=output_dir.resolve() if output_dir else None, force=force,
@@ -348,9 +360,9 @@ def _restore_plan(config_path, storage_ids, plan, at, date, tidlog, no_cut, chec
             _fail(str(exc), EXIT_USAGE)
     config = load_for(config_path, storage_ids)
     echo = _plan_echo(as_json)
-    with _Errors():  # issue 13: bring the staging copy up to date from the store
+    with _Errors(), _progress(config) as progress:  # issue 13: the store's copy
         from ..tools.objectstore import pull_if_target
-        pull_if_target(config, echo=lambda t: click.echo(t, err=True))
+        pull_if_target(config, echo=lambda t: click.echo(t, err=True), progress=progress)
     if plan == "":  # compute
         if output_dir is not None or force:
             _fail("--plan (to compute a plan) changes nothing: not with --output-dir nor "
@@ -655,7 +667,8 @@ def cleanup(config_path, keep, dry_run, storage_ids):
     shared = storage_ids is None or set(config.storages) == set(_load(config_path).storages)
     with _Errors():
         from ..tools.objectstore import after_cleanup, enabled, pull_if_target  # issue 13
-        pull_if_target(config, echo=click.echo)
+        with _progress(config) as progress:
+            pull_if_target(config, echo=click.echo, progress=progress)
         plan = run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
         if not dry_run:
             after_cleanup(config, plan, echo=click.echo, shared=shared)

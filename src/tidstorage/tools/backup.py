@@ -649,7 +649,7 @@ def run_backup(config: Config, *, full: bool = False, gzip: bool = False, quick:
             end = max(rz.format_timestamp(clock()), newest)
             if config.backup.target is not None:  # issue 13: upload, record in the store
                 from .objectstore import push
-                push(config, end)
+                push(config, end, progress=progress)
             append_line(config.backup.timestamp_file, end)
             result.timestamp = end
     result.seconds = time.monotonic() - t0

@@ -57,6 +57,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -70,6 +71,7 @@ from .common import (
     BACKUP_LOCK,
     Echo,
     Lock,
+    Progress,
     blob_backup_dir,
     id_filename,
     quiet,
@@ -225,11 +227,13 @@ class Store:
         h = self.head(rel)
         return None if h is None else h.get("Metadata", {}).get(META)
 
-    def upload(self, path: Path, rel: str, sha: str, size: int) -> None:
+    def upload(self, path: Path, rel: str, sha: str, size: int,
+               sent: Callable[[int], None] | None = None) -> None:
         """Upload ``path`` (streamed; multipart above the threshold), then
-        confirm the object: size, metadata SHA-256, the server's checksum."""
+        confirm the object: size, metadata SHA-256, the server's checksum.
+        ``sent(n)``: n more bytes went up (boto3's callback)."""
         self._call("upload to", rel, self.client.upload_file, str(path), self.bucket,
-                   self.key(rel), Config=self.transfer,
+                   self.key(rel), Config=self.transfer, Callback=sent,
                    ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {META: sha}})
         self.confirm(rel, sha, size)
 
@@ -251,9 +255,10 @@ class Store:
             raise ToolError(f"object store: {self.where(rel)} does not match what was uploaded"
                             f" (size {h.get('ContentLength')} vs {size}, checksum)")
 
-    def download(self, rel: str, dest: Path) -> str:
+    def download(self, rel: str, dest: Path, got: Callable[[int], None] | None = None) -> str:
         """Stream ``rel`` into ``dest`` (temporary file, fsync, checked
-        against the object's size and SHA-256, renamed). Returns the SHA-256."""
+        against the object's size and SHA-256, renamed). Returns the SHA-256.
+        ``got(n)``: n more bytes came down."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.s3tmp")
         answer = self._call("download", rel, self.client.get_object, Bucket=self.bucket,
@@ -269,6 +274,8 @@ class Store:
                         h.update(chunk)
                         f.write(chunk)
                         size += len(chunk)
+                        if got is not None:
+                            got(len(chunk))
                 except Exception as exc:  # noqa: BLE001 -- botocore/urllib3 read errors
                     raise self._error("download", rel, exc) from None
                 f.flush()
@@ -402,6 +409,34 @@ class PushResult:
     recorded: list[str] = field(default_factory=list)
 
 
+class _Meter:
+    """Bytes moved per storage, reported to a :data:`Progress` as phase
+    ``phase`` (``upload``/``download``) against the storage's total."""
+
+    def __init__(self, progress: Progress | None, phase: str,
+                 totals: dict[str, int]) -> None:
+        self.progress, self.phase, self.totals = progress, phase, totals
+        self.done = dict.fromkeys(totals, 0)
+
+    def callback(self, sid: str | None) -> Callable[[int], None] | None:
+        if self.progress is None or sid is None or sid not in self.totals:
+            return None
+
+        def moved(n: int) -> None:
+            self.done[sid] += n
+            self.progress(sid, self.phase, self.done[sid], self.totals[sid])
+        return moved
+
+
+def _sid_of(rel: str, by_name: dict) -> str | None:
+    """The storage an object belongs to (``repos/<name>/...``,
+    ``blobs/<name>/...``), or None (the TID log copies, the records)."""
+    parts = rel.split("/")
+    if len(parts) >= 2 and parts[0] in ("repos", "blobs") and parts[1] in by_name:
+        return by_name[parts[1]][0]
+    return None
+
+
 def _owned(rel: str) -> bool:
     """Objects one host writes and no other may replace: the repositories
     (a storage is backed up by one host) and the set's identity.  (TID log
@@ -416,7 +451,8 @@ def _lock(config: Config):
     return Lock(d / BACKUP_LOCK, "object store: a backup or cleanup is running")
 
 
-def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet) -> PushResult:
+def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet,
+         progress: Progress | None = None) -> PushResult:
     """Upload what the store lacks, then record ``timestamp`` (and every
     recorded local backup the store lacks) as ``timestamps/<T>`` objects.
     Called by ``run_backup`` under the backup lock; raises ToolError
@@ -450,14 +486,20 @@ def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet) ->
     def send(rel: str, path: Path) -> None:
         sha, size = state.sha(path)
         echo(f"uploading {path} to {store.where(rel)}")
-        store.upload(path, rel, sha, size)
+        store.upload(path, rel, sha, size, meter.callback(_sid_of(rel, by_name)))
         state.objects[rel] = sha
         have[rel] = size
         result.uploaded.append(rel)
         result.bytes += size
 
+    by_name = _storage_dirs(config)
     try:
         todo = [(rel, path) for rel, path in _local_files(config) if needed(rel, path)]
+        totals = dict.fromkeys(config.storages, 0)
+        for rel, path in todo:
+            if (sid := _sid_of(rel, by_name)) is not None:
+                totals[sid] += state.sha(path)[1]
+        meter = _Meter(progress, "upload", totals)
         for sid, st in sorted(config.storages.items()):
             snaps_dir = blob_backup_dir(st.backup_dir)
             base = f"blobs/{id_filename(sid)}"
@@ -471,7 +513,9 @@ def push(config: Config, timestamp: str | None = None, *, echo: Echo = quiet) ->
                     if have.get(drel) == size:
                         result.skipped += 1
                         continue
-                    store.upload(snaps_dir / name / relpath, drel, sha, size)
+                    totals[sid] += size
+                    store.upload(snaps_dir / name / relpath, drel, sha, size,
+                                 meter.callback(sid))
                     have[drel] = size
                     result.uploaded.append(drel)
                     result.bytes += size
@@ -512,11 +556,12 @@ class PullResult:
     recorded: list[str] = field(default_factory=list)
 
 
-def pull_if_target(config: Config, echo: Echo = quiet) -> PullResult | None:
+def pull_if_target(config: Config, echo: Echo = quiet, progress: Progress | None = None
+                   ) -> PullResult | None:
     """:func:`pull` if ``[backup] target`` is set (the CLI's hook)."""
     if not enabled(config):
         return None
-    result = pull(config, echo=echo)
+    result = pull(config, echo=echo, progress=progress)
     if result.downloaded or result.snapshots:
         echo(f"object store: {len(result.downloaded)} file(s) ({result.bytes} bytes) and "
              f"{len(result.snapshots)} blob snapshot(s) downloaded")
@@ -527,8 +572,8 @@ def _storage_dirs(config: Config) -> dict[str, tuple[str, object]]:
     return {id_filename(sid): (sid, st) for sid, st in config.storages.items()}
 
 
-def pull(config: Config, *, echo: Echo = quiet, blobs_of: set[str] | None = None
-         ) -> PullResult:
+def pull(config: Config, *, echo: Echo = quiet, blobs_of: set[str] | None = None,
+         progress: Progress | None = None) -> PullResult:
     """Bring the staging copy up to date from the store (see the module
     docstring). Under the backup lock.  ``blobs_of``: the storages whose
     blob snapshots are rebuilt (None: all; a plan for several hosts reads
@@ -545,6 +590,7 @@ def pull(config: Config, *, echo: Echo = quiet, blobs_of: set[str] | None = None
             by_name = _storage_dirs(config)
             stamps = []
             manifests: dict[str, dict] = {}
+            downloads: list[tuple[str, Path, int]] = []
             for rel, size in sorted(have.items()):
                 parts = rel.split("/")
                 if parts[0] == "timestamps" and len(parts) == 2:
@@ -568,15 +614,23 @@ def pull(config: Config, *, echo: Echo = quiet, blobs_of: set[str] | None = None
                     if state.objects.get(rel) == sha or store.remote_sha(rel) == sha:
                         state.objects[rel] = sha
                         continue
+                downloads.append((rel, dest, size))
+            totals = dict.fromkeys(config.storages, 0)
+            for rel, _dest, size in downloads:
+                if (sid := _sid_of(rel, by_name)) is not None:
+                    totals[sid] += size
+            meter = _Meter(progress, "download", totals)
+            for rel, dest, size in downloads:
                 echo(f"downloading {store.where(rel)} to {dest}")
-                state.objects[rel] = store.download(rel, dest)
+                state.objects[rel] = store.download(rel, dest,
+                                                    meter.callback(_sid_of(rel, by_name)))
                 result.downloaded.append(rel)
                 result.bytes += size
             for fname, names in sorted(manifests.items()):
                 if blobs_of is not None and by_name[fname][0] not in blobs_of:
                     continue
                 _pull_snapshots(store, by_name[fname][1], fname, sorted(names), have,
-                                result, state)
+                                result, state, meter)
             local = read_timestamps(config.backup.timestamp_file)
             new = sorted(set(stamps) - set(local))
             if new and config.backup.timestamp_file is not None:
@@ -589,7 +643,7 @@ def pull(config: Config, *, echo: Echo = quiet, blobs_of: set[str] | None = None
 
 
 def _pull_snapshots(store: Store, st, fname: str, names: list[str], have: dict,
-                    result: PullResult, state: _State) -> None:
+                    result: PullResult, state: _State, meter: _Meter) -> None:
     snaps_dir = blob_backup_dir(st.backup_dir)
     base = f"blobs/{fname}"
     #: the newest snapshot present locally before ``name``, and its manifest
@@ -623,7 +677,9 @@ def _pull_snapshots(store: Store, st, fname: str, names: list[str], have: dict,
                     and src.stat().st_size == size):
                 os.link(src, dest)
                 continue
-            store.download(f"{base}/data/{sha}", dest)
+            if st.id in meter.totals:
+                meter.totals[st.id] += size
+            store.download(f"{base}/data/{sha}", dest, meter.callback(st.id))
             os.chmod(dest, mode)
             result.bytes += size
         for root, _dirs, _files in os.walk(partial):
