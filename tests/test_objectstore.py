@@ -312,16 +312,23 @@ def test_two_hosts_restore_their_storages_at_one_point_from_the_store(weed, buck
 
     _populate(site)
     _backup(site, "--storages", "a")
-    point = read_log_point(site.tidlog)
     (host_b / "backups" / "tidlog").mkdir(parents=True)  # one backup set (README)
     shutil.copy(site.root / "backups" / "tidlog" / "tidstorage-identity.json",
                 host_b / "backups" / "tidlog")
-    _populate(site, 1)
+    with site:  # a transaction on b alone, a point, another one (published later)
+        site.commit(storages=("b",), blob=True)
+        point = site.publish()
+        later_b = site.commit(storages=("b",))["b"]
     _backup_b = run_cli("backup", "-c", cfg_b, "--storages", "b")
     assert _backup_b.returncode == 0, _backup_b.stdout + _backup_b.stderr
+    # A later point in the live TID log only (on the daemon's host, A) that
+    # every backup holds (b's backup ran after later_b: published after the
+    # TID log copy, as happens); host B does not see it: it must not count.
+    site.publish({"a": point["a"], "b": later_b})
     _populate(site, 1)  # in no backup
+    (host_b / "var" / "tidstorage.tid").unlink()
     expected = {}
-    for sid in site.ids:  # the state at the point host A's backup holds
+    for sid in site.ids:  # the state at the newest point of the copies
         ref = tmp_path / f"ref-{sid}.fs"
         shutil.copy(site.data_fs(sid), ref)
         truncate_at(ref, find_cut(ref, point[sid]).offset)

@@ -627,14 +627,15 @@ def inventory(config: Config) -> Inventory:
     return inv
 
 
-def read_points(config: Config, inv: Inventory) -> None:
-    """The coherent points of the TID log copies (and of the live TID log
-    when it is on this host), into ``inv``: every storage of ``config``."""
+def read_points(config: Config, inv: Inventory, *, live: bool = True) -> None:
+    """The coherent points of the TID log copies (and, with ``live``, of the
+    live TID log when it is on this host), into ``inv``: every storage of
+    ``config``."""
     ids = sorted(config.storages)
     sources = list(set_tidlog_copies(config))
-    live = config.server.status_file
-    if live is not None and live.exists():
-        sources.append((LIVE, live))
+    log = config.server.status_file
+    if live and log is not None and log.exists():
+        sources.append((LIVE, log))
     seen: dict[tuple, Point] = {}
     incomplete: set[tuple] = set()
     history = _History()
@@ -716,7 +717,8 @@ class HostsTarget:
         return out
 
 
-def choose_hosts_target(config: Config, at: str | None, echo: Echo = quiet) -> HostsTarget:
+def choose_hosts_target(config: Config, at: str | None, echo: Echo = quiet, *,
+                        live: bool = True) -> HostsTarget:
     """The point of a plan for storages on several hosts: every storage's
     repository must be visible here (a shared directory, the object store's
     staging copy, copies of the repositories).  The newest point of the TID
@@ -725,7 +727,7 @@ def choose_hosts_target(config: Config, at: str | None, echo: Echo = quiet) -> H
     backup.  Raises ToolError (nothing changed), ValueError for a bad ``at``."""
     kind, value = parse_at(at or "latest")
     inv = Inventory([], [], {}, all_writers_stamp=config.server.all_writers_stamp)
-    read_points(config, inv)
+    read_points(config, inv, live=live)
     for w in inv.warnings:
         echo(f"warning: {w}")
     cands = repository_backups(config)

@@ -705,7 +705,7 @@ def _plan_each(config: Config, dates: dict[str, str], tids, output_dir,
 
 def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.DEFAULT_WINDOW,
                jobs: int | None = None, force_cut: bool = False,
-               echo: Echo = quiet) -> RestoreResult:
+               echo: Echo = quiet, live: bool = True) -> RestoreResult:
     """``restore --plan``: the plan every host applies (``--plan FILE``).
 
     Computed where every storage's repository is visible (a shared
@@ -728,7 +728,7 @@ def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.
         require(st.backup_dir, f"storages.{st.name}.backup_dir", "restore --plan")
     set_id = check_identities(config, for_what="restore --plan")
     try:
-        target = choose_hosts_target(config, at, echo)
+        target = choose_hosts_target(config, at, echo, live=live)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     log_path = target.point.path
@@ -777,7 +777,9 @@ def shared_plan(config: Config, ids: list[str], *, at: str | None = None,
     ``ids``: the staging copy brought up to date with every storage's
     repository, the TID log copies and the recorded backups (the blob
     snapshots of ``ids`` only, or none without ``blobs``); then
-    :func:`plan_hosts`, which reads every storage.  Two hosts doing this
+    :func:`plan_hosts`, which reads every storage, on the points of the TID
+    log copies only (the live TID log is on the daemon's host alone: with it,
+    that host could choose a point the others do not see).  Two hosts doing this
     with the same ``at``, the store unchanged in between (stop the backups
     first, as for any restore of a site), get the same cut TIDs;
     ``context["digest"]`` (a SHA-256 of the cut TIDs, backups and set) lets
@@ -796,8 +798,10 @@ def shared_plan(config: Config, ids: list[str], *, at: str | None = None,
     if got.downloaded or got.snapshots:
         echo(f"object store: {len(got.downloaded)} file(s) ({got.bytes} bytes) and "
              f"{len(got.snapshots)} blob snapshot(s) downloaded")
+    # The live TID log is on one host only: the points come from the copies
+    # in the store, the same on every host.
     planned = plan_hosts(config, at=at, window=window, jobs=jobs, force_cut=force_cut,
-                         echo=echo)
+                         echo=echo, live=False)
     data = json.loads(json.dumps(planned.plan.to_json(), sort_keys=True))
     digest = hashlib.sha256(json.dumps(
         {"cuts": {s: p.get("cut_tid") for s, p in sorted(data["storages"].items())},
