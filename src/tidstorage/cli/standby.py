@@ -12,8 +12,7 @@ from .common import CONFIG as _CONFIG
 from .common import EXIT_USAGE, human_size
 from .common import errors as _errors
 from .common import fail as _fail
-from .common import load as _load
-from .tools import STORAGES, TRANSFERS, load_for
+from .tools import STORAGES, TRANSFERS, load_for, load_hosts
 from .common import progress as _common_progress
 
 _DIR = click.option("--dir", "directory", required=True,
@@ -171,10 +170,8 @@ def promote(config_path, directory, at, output_dir, window, force_cut, plan_file
             _fail(str(exc), EXIT_USAGE)
     if plan_file is not None and (at is not None or force_cut):
         _fail("--plan gives the cut: not with --at nor --force-cut", EXIT_USAGE)
-    config = load_for(config_path, storage_ids)
-    full = _load(config_path) if storage_ids is not None else config
+    config, full, some = load_hosts(config_path, storage_ids)
     echo = (lambda t: click.echo(t, err=True)) if as_json else click.echo
-    some = set(config.storages) != set(full.storages)
     cut_plan = None
     if plan_file is not None:
         from ..tools.cut import read_plan

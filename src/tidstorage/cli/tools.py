@@ -51,6 +51,15 @@ def load_for(config_path, storage_ids):
         _fail(f"configuration error: {exc}", EXIT_USAGE)
 
 
+def load_hosts(config_path, storage_ids):
+    """``(config restricted to --storages, the whole config, some)``: *some*
+    is true when ``--storages`` names only some of the storages (this
+    host's, of several hosts)."""
+    config = load_for(config_path, storage_ids)
+    full = _load(config_path) if storage_ids is not None else config
+    return config, full, set(config.storages) != set(full.storages)
+
+
 # -- backup ----------------------------------------------------------------
 
 
@@ -277,11 +286,9 @@ def restore(config_path, date, tidlog, no_cut, check, output_dir, force, jobs, w
         _fail("--check and --output-dir cannot be used together", EXIT_USAGE)
     if as_json and not dry_run:
         _fail("--json goes with --dry-run, --plan or --list-points", EXIT_USAGE)
-    config = load_for(config_path, storage_ids)
-    full = _load(config_path) if storage_ids is not None else config
-    if set(config.storages) != set(full.storages) and _restore_some(
-            full, sorted(config.storages), at, date, tidlog, no_cut, check, output_dir, force,
-            jobs, window, force_cut, dry_run, as_json):
+    config, full, some = load_hosts(config_path, storage_ids)
+    if some and _restore_some(full, sorted(config.storages), at, date, tidlog, no_cut, check,
+                              output_dir, force, jobs, window, force_cut, dry_run, as_json):
         return
     with _Errors(), _progress(config) as progress:
         from ..tools.objectstore import pull_if_target  # issue 13: the store's copy
@@ -663,16 +670,15 @@ def cleanup(config_path, keep, dry_run, storage_ids):
     """
     from ..tools.cleanup import run_cleanup
 
-    config = load_for(config_path, storage_ids)
-    shared = storage_ids is None or set(config.storages) == set(_load(config_path).storages)
+    config, _full, some = load_hosts(config_path, storage_ids)
     with _Errors():
         from ..tools.objectstore import after_cleanup, enabled, pull_if_target  # issue 13
         with _progress(config) as progress:
             pull_if_target(config, echo=click.echo, progress=progress)
         plan = run_cleanup(config, keep, dry_run=dry_run, echo=click.echo)
         if not dry_run:
-            after_cleanup(config, plan, echo=click.echo, shared=shared)
-        if enabled(config) and not shared:
+            after_cleanup(config, plan, echo=click.echo, shared=not some)
+        if enabled(config) and some:
             click.echo("note: the store's recorded backups (timestamps/) and TID log copies"
                        " (tidlog/) are every host's: a cleanup of every storage prunes them")
 

@@ -614,24 +614,17 @@ def _analyse(heal: SplitHeal, store: _Store, tid: int, databases: Mapping[str, s
     #: the latest revision after the split of each object referring to one
     #: the split created: oid -> (transaction, referenced oids)
     latest: dict[bytes, tuple[Later, set[bytes]]] = {}
-    it = storage.iterator(p64(tid + 1), None)
-    try:
-        for txn in it:
-            lt = Later(sid, u64(txn.tid), _text(txn.user), _text(txn.description))
-            for rec in txn:
-                if rec.oid in objs:
-                    later.setdefault(rec.oid, []).append(lt)
-                if not created:
-                    continue
-                latest.pop(rec.oid, None)
-                if rec.data and rec.oid not in created:
-                    local, cross = _refs(rec.data)
-                    used = (local | {o for d, o in cross if _reaches(d, sid, databases)}) \
-                        & created
-                    if used:
-                        latest[rec.oid] = (lt, used)
-    finally:
-        getattr(it, "close", lambda: None)()
+    for lt, oid, data in store.records(tid + 1):
+        if oid in objs:
+            later.setdefault(oid, []).append(lt)
+        if not created:
+            continue
+        latest.pop(oid, None)
+        if data and oid not in created:
+            local, cross = _refs(data)
+            used = (local | {o for d, o in cross if _reaches(d, sid, databases)}) & created
+            if used:
+                latest[oid] = (lt, used)
     for oid, ts in later.items():
         heal.later[oid.hex()] = ts
     heal.created[sid] = created
@@ -668,7 +661,8 @@ def _foreign_refs(heal: SplitHeal, stores: Mapping[str, _Store],
     for sid, store in sorted(stores.items()):
         if sid in heal.holders and set(created) == {sid}:
             continue  # its own records were read by _analyse
-        # other storage -> holder -> created oid -> [(transaction, referring oid)]
+        #: the latest revision of each of its objects with a cross-database
+        #: reference to a created object: oid -> (transaction, references)
         found: dict[bytes, tuple[Later, set[tuple[str, bytes]]]] = {}
         if not store.readable:
             for holder in created:
@@ -833,8 +827,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     args = getattr(exc, "args", ())
     if type(exc).__name__ == "ServerException" and len(args) == 2 \
             and args[0] == "ZODB.POSException.UndoError" and isinstance(args[1], dict):
-        err = UndoError(args[1].get("_reason"), args[1].get("_oid"))
-        return err
+        return UndoError(args[1].get("_reason"), args[1].get("_oid"))
     return exc
 
 

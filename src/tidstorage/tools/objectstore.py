@@ -556,12 +556,12 @@ class PullResult:
     recorded: list[str] = field(default_factory=list)
 
 
-def pull_if_target(config: Config, echo: Echo = quiet, progress: Progress | None = None
-                   ) -> PullResult | None:
+def pull_if_target(config: Config, echo: Echo = quiet, progress: Progress | None = None,
+                   blobs_of: set[str] | None = None) -> PullResult | None:
     """:func:`pull` if ``[backup] target`` is set (the CLI's hook)."""
     if not enabled(config):
         return None
-    result = pull(config, echo=echo, progress=progress)
+    result = pull(config, echo=echo, progress=progress, blobs_of=blobs_of)
     if result.downloaded or result.snapshots:
         echo(f"object store: {len(result.downloaded)} file(s) ({result.bytes} bytes) and "
              f"{len(result.snapshots)} blob snapshot(s) downloaded")

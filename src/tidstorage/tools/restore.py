@@ -770,8 +770,8 @@ def plan_hosts(config: Config, *, at: str | None = None, window: float = verify.
 
 def shared_plan(config: Config, ids: list[str], *, at: str | None = None,
                 window: float = verify.DEFAULT_WINDOW, jobs: int | None = None,
-                force_cut: bool = False, blobs: bool = True, echo: Echo = quiet
-                ) -> tuple[RestoreResult, dict]:
+                force_cut: bool = False, blobs: bool = True, echo: Echo = quiet,
+                progress: Progress | None = None) -> tuple[RestoreResult, dict]:
     """The plan every host computes alike from a shared repository
     (``[backup] target``, the object store), for a host whose storages are
     ``ids``: the staging copy brought up to date with every storage's
@@ -789,15 +789,11 @@ def shared_plan(config: Config, ids: list[str], *, at: str | None = None,
     import json
 
     from .common import restrict_storages
-    from .objectstore import enabled, pull
+    from .objectstore import pull_if_target
 
-    if not enabled(config):
-        raise ConfigError("a plan from a shared repository needs backup.target")
     restrict_storages(config, ids)  # the ids are configured
-    got = pull(config, echo=echo, blobs_of=set(ids) if blobs else set())
-    if got.downloaded or got.snapshots:
-        echo(f"object store: {len(got.downloaded)} file(s) ({got.bytes} bytes) and "
-             f"{len(got.snapshots)} blob snapshot(s) downloaded")
+    if pull_if_target(config, echo, progress, set(ids) if blobs else set()) is None:
+        raise ConfigError("a plan from a shared repository needs backup.target")
     # The live TID log is on one host only: the points come from the copies
     # in the store, the same on every host.
     planned = plan_hosts(config, at=at, window=window, jobs=jobs, force_cut=force_cut,
@@ -825,7 +821,7 @@ def restore_shared(config: Config, ids: list[str], *, at: str | None = None,
     from .common import restrict_storages
 
     planned, data = shared_plan(config, ids, at=at, window=window, jobs=jobs,
-                                force_cut=force_cut, echo=echo)
+                                force_cut=force_cut, echo=echo, progress=progress)
     if dry_run:
         return planned
     result = apply_plan(restrict_storages(config, ids), data, output_dir=output_dir,
